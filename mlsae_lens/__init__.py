@@ -1,0 +1,38 @@
+"""mlsae-lens: Multi-Layer Sparse Autoencoders for TransformerLens and SAELens.
+
+Importing this package registers the ``multilayer_topk`` architecture with SAELens, so
+``sae_lens.SAE.load_from_disk`` returns a :class:`MultiLayerSAE`.
+"""
+
+from sae_lens import register_sae_class, register_sae_training_class
+from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
+
+from mlsae_lens.errors import MLSAEError
+from mlsae_lens.sae import (
+    ARCHITECTURE,
+    MultiLayerSAE,
+    MultiLayerSAEConfig,
+    MultiLayerTrainingSAE,
+    MultiLayerTrainingSAEConfig,
+    TopKOutput,
+)
+
+__version__ = "0.1.0"
+
+# SAELens raises on duplicate registration; guard so a module reload stays harmless.
+if ARCHITECTURE not in SAE_CLASS_REGISTRY:
+    register_sae_class(ARCHITECTURE, MultiLayerSAE, MultiLayerSAEConfig)
+if ARCHITECTURE not in SAE_TRAINING_CLASS_REGISTRY:
+    register_sae_training_class(
+        ARCHITECTURE, MultiLayerTrainingSAE, MultiLayerTrainingSAEConfig
+    )
+
+__all__ = [
+    "MLSAEError",
+    "MultiLayerSAE",
+    "MultiLayerSAEConfig",
+    "MultiLayerTrainingSAE",
+    "MultiLayerTrainingSAEConfig",
+    "TopKOutput",
+    "__version__",
+]

@@ -1,0 +1,548 @@
+"""Distributions of MLSAE latents over layers and the variance ratios of Eqs. 10-12.
+
+Lawson et al. (2024, arXiv 2409.04185, sec. 4.3) treat the layer ``L``, token ``T`` and
+latent ``J`` as random variables. For a token ``t`` where latent ``j`` is active at some layer,
+
+    P(L=l | T=t, J=j) = h_j(x_{t,l}) / sum_l' h_j(x_{t,l'})                         (Eq. 10)
+
+``P(T | J=j)`` is uniform over the tokens where ``j`` is active and ``P(J)`` is uniform over
+latents that are active at least once. The ratios
+
+    E[Var(L|J)] / Var(L)                                                            (Eq. 11)
+    E[Var(L|J,T)] / E[Var(L|J)]                                                     (Eq. 12)
+
+say how spread over layers latents are when aggregating over tokens, and how much of that spread
+remains for a single token. Everything follows from per-latent sums over tokens, so
+:class:`LayerDistributionStats` streams any number of tokens in float64 with memory
+``O(n_latents * n_layers)``. Layer indices are 0-based (only ``E[L|J]`` depends on that).
+
+The published reference code (tim-lawson/mlsae) estimates these differently; for comparison with
+its figures this module also offers ``weighting="activation_mass"`` (its heatmaps) and
+:func:`reference_per_batch_ratios` (its ratios). The paper's definitions are the default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from mlsae_lens.errors import MLSAEError
+
+Weighting = Literal["uniform_tokens", "activation_mass"]
+WEIGHTINGS: tuple[str, ...] = ("uniform_tokens", "activation_mass")
+
+_FORMAT = "mlsae_lens.LayerDistributionStats/1"
+
+
+@dataclass
+class LayerDistributionResult:
+    """Distributions over layers and the variances tied by the law of total variance.
+
+    Per-latent tensors are float64 on the CPU and NaN for never-active ("dead") latents. Scalars
+    are Python floats, NaN when undefined (no active latents, or a zero denominator, e.g. with a
+    single layer every variance is 0 and both ratios are NaN). Variances are in units of
+    layers squared and lie in ``[0, ((n_layers - 1) / 2) ** 2]``; the ratios lie in ``[0, 1]``.
+    """
+
+    weighting: str
+    """``"uniform_tokens"`` (the paper) or ``"activation_mass"`` (the reference code)."""
+    layer_given_latent: Float[Tensor, "n_latents n_layers"]
+    """P(L | J=j): each active row sums to 1."""
+    expected_layer: Float[Tensor, " n_latents"]
+    """E[L | J=j] with 0-based layers: the heatmaps' sort key."""
+    var_layer_given_latent: Float[Tensor, " n_latents"]
+    """Var(L | J=j): 0 for a latent that is only ever active at one layer."""
+    var_given_latent_token: Float[Tensor, " n_latents"]
+    """E_T[Var(L | J=j, T)]: the spread left within single tokens."""
+    var_token_expected_layer: Float[Tensor, " n_latents"]
+    """Var_T(E[L | J=j, T]): the spread explained by which token it is."""
+    latent_order: Int[Tensor, " n_active"]
+    """Indices of active latents sorted by E[L|J] ascending (stable: ties keep index order)."""
+    layer_marginal: Float[Tensor, " n_layers"]
+    """P(L): the mean over active latents of P(L | J)."""
+    var_layer: float
+    """Var(L)."""
+    mean_var_given_latent: float
+    """E[Var(L | J)]."""
+    var_expected_layer: float
+    """Var(E[L | J]) over active latents."""
+    mean_var_given_latent_token: float
+    """E[Var(L | J, T)] = mean over active latents of E_T[Var(L | J=j, T)]."""
+    mean_var_token_expected_layer: float
+    """E_J[Var_T(E[L | J, T])]."""
+    latent_ratio: float
+    """Eq. 11: E[Var(L|J)] / Var(L)."""
+    token_ratio: float
+    """Eq. 12: E[Var(L|J,T)] / E[Var(L|J)]."""
+    active_token_counts: Int[Tensor, " n_latents"]
+    """Number of valid tokens where each latent is active at some layer."""
+    n_active_latents: int
+    n_dead_latents: int
+    """Latents never active on the tokens seen; they are left out of P(J)."""
+    n_tokens: int
+    """Valid (unmasked) tokens seen, whether or not any latent was active."""
+
+    @property
+    def total_variance_identity_lhs(self) -> float:
+        """Var(L), which equals :attr:`total_variance_identity_rhs` by the law of total variance."""
+        return self.var_layer
+
+    @property
+    def total_variance_identity_rhs(self) -> float:
+        """E[Var(L|J)] + Var(E[L|J])."""
+        return self.mean_var_given_latent + self.var_expected_layer
+
+    @property
+    def within_latent_identity_lhs(self) -> float:
+        """E_J[Var(L|J)]: the within-latent identity averaged over latents."""
+        return self.mean_var_given_latent
+
+    @property
+    def within_latent_identity_rhs(self) -> float:
+        """E_J[E_T[Var(L|J,T)] + Var_T(E[L|J,T])], which should equal the lhs."""
+        return self.mean_var_given_latent_token + self.mean_var_token_expected_layer
+
+    def to_dict(self) -> dict[str, Any]:
+        """Scalar metrics as JSON-able values (NaN becomes ``None``, which JSON can carry)."""
+        names = (
+            "var_layer",
+            "mean_var_given_latent",
+            "var_expected_layer",
+            "mean_var_given_latent_token",
+            "mean_var_token_expected_layer",
+            "latent_ratio",
+            "token_ratio",
+            "total_variance_identity_lhs",
+            "total_variance_identity_rhs",
+            "within_latent_identity_lhs",
+            "within_latent_identity_rhs",
+        )
+        out: dict[str, Any] = {name: _json_float(getattr(self, name)) for name in names}
+        out.update(
+            weighting=self.weighting,
+            n_layers=int(self.layer_marginal.shape[0]),
+            n_latents=int(self.active_token_counts.shape[0]),
+            n_active_latents=self.n_active_latents,
+            n_dead_latents=self.n_dead_latents,
+            n_tokens=self.n_tokens,
+        )
+        return out
+
+
+class LayerDistributionStats:
+    """Streaming sufficient statistics for :class:`LayerDistributionResult`.
+
+    Per latent ``j`` and token ``t`` where ``j`` is active, with token weight ``w_tj``:
+    ``sum_p[j, l] = sum_t w_tj P(l|t,j)``, ``sum_expected_sq[j] = sum_t w_tj E[L|t,j]^2``,
+    ``sum_var[j] = sum_t w_tj Var(L|t,j)`` and ``weight_sum[j] = sum_t w_tj``. These are plain sums,
+    so streaming and merging are exact up to float64 rounding.
+
+    Args:
+        n_layers: Number of layers the MLSAE reads.
+        n_latents: The SAE's ``d_sae``.
+        device: Where the accumulators live; inputs are moved there.
+        weighting: ``"uniform_tokens"`` (default, the paper: ``w_tj = 1``, P(T|J) uniform over
+            active tokens) or ``"activation_mass"`` (for comparison with published figures: the
+            reference heatmaps use P(L=l|J=j) proportional to sum_t h_j(x_{t,l}), which is
+            ``w_tj = sum_l h_j(x_{t,l})``; the per-token quantities are weighted the same way so
+            the law of total variance still ties them together). The reference sums pre-ReLU
+            top-k values; these statistics only see the post-ReLU values they are given.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        n_latents: int,
+        device: torch.device | str = "cpu",
+        weighting: Weighting = "uniform_tokens",
+    ) -> None:
+        if n_layers < 1 or n_latents < 1:
+            raise MLSAEError(
+                f"LayerDistributionStats needs n_layers >= 1 and n_latents >= 1, got "
+                f"n_layers={n_layers}, n_latents={n_latents}: pass the MLSAE's sizes."
+            )
+        if weighting not in WEIGHTINGS:
+            raise MLSAEError(f"Unknown weighting {weighting!r}: use one of {', '.join(WEIGHTINGS)}.")
+        self.n_layers = n_layers
+        self.n_latents = n_latents
+        self.weighting: Weighting = weighting
+        self.device = torch.device(device)
+        f64 = dict(dtype=torch.float64, device=self.device)
+        self.sum_p = torch.zeros(n_latents, n_layers, **f64)
+        self.sum_expected_sq = torch.zeros(n_latents, **f64)
+        self.sum_var = torch.zeros(n_latents, **f64)
+        self.weight_sum = torch.zeros(n_latents, **f64)
+        self.active_token_counts = torch.zeros(n_latents, dtype=torch.int64, device=self.device)
+        self.n_tokens = 0
+
+    # ------------------------------------------------------------------ updates
+
+    def update(
+        self,
+        latent_acts: Float[Tensor, "tokens n_layers n_latents"],
+        mask: Bool[Tensor, " tokens"] | None = None,
+    ) -> None:
+        """Add a batch of dense latent activations (zeros mean inactive)."""
+        if latent_acts.ndim != 3 or latent_acts.shape[1:] != (self.n_layers, self.n_latents):
+            raise MLSAEError(
+                f"latent_acts has shape {tuple(latent_acts.shape)}; expected "
+                f"[tokens, {self.n_layers}, {self.n_latents}] (tokens, layers, latents)."
+            )
+        acts = latent_acts.to(self.device)
+        keep = self._valid_entries(acts, mask)
+        token, layer, latent = keep.nonzero(as_tuple=True)
+        self._accumulate(token, layer, latent, acts[token, layer, latent])
+
+    def update_sparse(
+        self,
+        indices: Int[Tensor, "tokens n_layers k"],
+        values: Float[Tensor, "tokens n_layers k"],
+        mask: Bool[Tensor, " tokens"] | None = None,
+    ) -> None:
+        """Add a batch of top-k SAE outputs without ever building a dense tensor.
+
+        Cost is ``O(tokens * n_layers * k)`` (one sort of the active (token, latent) keys plus
+        a few ``index_add_``), independent of ``n_latents``. Zero values mean inactive; a latent
+        index must not repeat within one (token, layer) row (true of top-k).
+        """
+        if (
+            indices.ndim != 3
+            or indices.shape != values.shape
+            or indices.shape[1] != self.n_layers
+        ):
+            raise MLSAEError(
+                f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must both be "
+                f"[tokens, {self.n_layers}, k]: pass the SAE's top-k output for every layer."
+            )
+        if indices.dtype.is_floating_point:
+            raise MLSAEError("indices must be an integer tensor: pass the top-k indices, not values.")
+        idx = indices.to(self.device, torch.int64)
+        vals = values.to(self.device)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n_latents):
+            raise MLSAEError(
+                f"latent indices must lie in [0, {self.n_latents}); got "
+                f"[{int(idx.min())}, {int(idx.max())}]: check n_latents (d_sae)."
+            )
+        keep = self._valid_entries(vals, mask)
+        token, layer, slot = keep.nonzero(as_tuple=True)
+        self._accumulate(token, layer, idx[token, layer, slot], vals[token, layer, slot])
+
+    def _valid_entries(self, acts: Tensor, mask: Tensor | None) -> Tensor:
+        """Boolean [tokens, n_layers, *] of active entries of valid tokens; counts the tokens."""
+        if acts.numel() and bool((acts < 0).any()):
+            raise MLSAEError(
+                "latent activations must be >= 0 (post-ReLU); got negative values: pass the "
+                "SAE's activations after its ReLU, not pre-activations."
+            )
+        keep = acts > 0
+        if mask is None:
+            self.n_tokens += acts.shape[0]
+            return keep
+        if mask.shape != (acts.shape[0],):
+            raise MLSAEError(
+                f"mask has shape {tuple(mask.shape)}; expected [{acts.shape[0]}], one bool per token."
+            )
+        mask = mask.to(self.device, torch.bool)
+        self.n_tokens += int(mask.sum())
+        return keep & mask[:, None, None]
+
+    def _accumulate(self, token: Tensor, layer: Tensor, latent: Tensor, value: Tensor) -> None:
+        """Add active entries given as flat (token, layer, latent, value) lists."""
+        if token.numel() == 0:
+            return
+        value = value.to(torch.float64)
+        ell = layer.to(torch.float64)
+        # One row per active (token, latent) pair; `inverse` maps entries to their pair.
+        pair_key, inverse = torch.unique(token * self.n_latents + latent, return_inverse=True)
+        pair_latent = pair_key % self.n_latents
+        moments = torch.zeros(pair_key.shape[0], 3, dtype=torch.float64, device=self.device)
+        moments.index_add_(0, inverse, torch.stack([value, value * ell, value * ell * ell], 1))
+        total = moments[:, 0]  # sum_l h_j(x_{t,l}) > 0, the denominator of Eq. 10
+        expected = moments[:, 1] / total  # E[L | t, j]
+        var = (moments[:, 2] / total - expected.square()).clamp_min(0.0)  # Var(L | t, j)
+        if self.weighting == "uniform_tokens":
+            weight = torch.ones_like(total)
+            p = value / total[inverse]  # Eq. 10, each pair's row sums to 1
+        else:
+            weight = total
+            p = value  # weight * P(l|t,j) = h_j(x_{t,l})
+        self.sum_p.view(-1).index_add_(0, latent * self.n_layers + layer, p)
+        self.sum_expected_sq.index_add_(0, pair_latent, weight * expected.square())
+        self.sum_var.index_add_(0, pair_latent, weight * var)
+        self.weight_sum.index_add_(0, pair_latent, weight)
+        self.active_token_counts += torch.bincount(pair_latent, minlength=self.n_latents)
+
+    # ------------------------------------------------------------------ merge and I/O
+
+    def merge(self, other: LayerDistributionStats) -> LayerDistributionStats:
+        """Add another accumulator's statistics into this one (exact: all fields are sums)."""
+        mine = (self.n_layers, self.n_latents, self.weighting)
+        theirs = (other.n_layers, other.n_latents, other.weighting)
+        if mine != theirs:
+            raise MLSAEError(
+                f"Cannot merge LayerDistributionStats with (n_layers, n_latents, weighting) "
+                f"{theirs} into {mine}: merge only statistics of the same MLSAE and weighting."
+            )
+        for name in _TENSORS:
+            getattr(self, name).add_(getattr(other, name).to(self.device))
+        self.n_tokens += other.n_tokens
+        return self
+
+    @classmethod
+    def merged(cls, parts: Sequence[LayerDistributionStats]) -> LayerDistributionStats:
+        """A new accumulator holding the sum of ``parts`` (which are left unchanged)."""
+        if not parts:
+            raise MLSAEError("LayerDistributionStats.merged needs at least one part to merge.")
+        first = parts[0]
+        out = cls(first.n_layers, first.n_latents, first.device, first.weighting)
+        for part in parts:
+            out.merge(part)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and sizes; round-trips through :meth:`load_state_dict`."""
+        state: dict[str, Any] = {name: getattr(self, name).clone() for name in _TENSORS}
+        state.update(_meta(self))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace this accumulator's statistics with ``state`` (sizes must match)."""
+        expected = _meta(self)
+        for key in ("n_layers", "n_latents", "weighting"):
+            if state.get(key) != expected[key]:
+                raise MLSAEError(
+                    f"State has {key}={state.get(key)!r} but this LayerDistributionStats has "
+                    f"{expected[key]!r}: build it with the saved sizes, or use "
+                    "LayerDistributionStats.load(path)."
+                )
+        for name in _TENSORS:
+            setattr(self, name, state[name].to(self.device, getattr(self, name).dtype).clone())
+        self.n_tokens = int(state["n_tokens_seen"])
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the statistics to a safetensors file (atomically) with JSON metadata."""
+        state = self.state_dict()
+        tensors = {name: state.pop(name) for name in _TENSORS}
+        write_safetensors(path, tensors, _FORMAT, state)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], device: torch.device | str = "cpu"
+    ) -> LayerDistributionStats:
+        """Read statistics written by :meth:`save`."""
+        tensors, meta = read_safetensors(path, _FORMAT)
+        stats = cls(meta["n_layers"], meta["n_latents"], device, meta["weighting"])
+        stats.load_state_dict({**tensors, **meta})
+        return stats
+
+    # ------------------------------------------------------------------ results
+
+    def compute(self) -> LayerDistributionResult:
+        """Distributions, variances and the Eq. 11-12 ratios of everything seen so far."""
+        counts = self.active_token_counts.cpu()
+        active = counts > 0
+        layers = torch.arange(self.n_layers, dtype=torch.float64)
+        weight = self.weight_sum.cpu().clone()
+        weight[~active] = math.nan  # dead latents give NaN rows, not 0/0 warnings
+        p_layer = self.sum_p.cpu() / weight[:, None]
+        expected = p_layer @ layers
+        var_given_latent = (p_layer * (layers - expected[:, None]).square()).sum(1)
+        var_token = self.sum_var.cpu() / weight
+        var_token_expected = (self.sum_expected_sq.cpu() / weight - expected.square()).clamp_min(0)
+
+        active_idx = active.nonzero().squeeze(1)
+        order = active_idx[torch.argsort(expected[active_idx], stable=True)]
+        marginal = p_layer[active].mean(0)  # P(J) uniform over active latents
+        mean_layer = marginal @ layers
+        var_layer = _item((marginal * (layers - mean_layer).square()).sum())
+        mean_var_given_latent = _item(var_given_latent[active].mean())
+        mean_var_token = _item(var_token[active].mean())
+        return LayerDistributionResult(
+            weighting=self.weighting,
+            layer_given_latent=p_layer,
+            expected_layer=expected,
+            var_layer_given_latent=var_given_latent,
+            var_given_latent_token=var_token,
+            var_token_expected_layer=var_token_expected,
+            latent_order=order,
+            layer_marginal=marginal,
+            var_layer=var_layer,
+            mean_var_given_latent=mean_var_given_latent,
+            var_expected_layer=_item(expected[active].var(correction=0)),
+            mean_var_given_latent_token=mean_var_token,
+            mean_var_token_expected_layer=_item(var_token_expected[active].mean()),
+            latent_ratio=_ratio(mean_var_given_latent, var_layer),
+            token_ratio=_ratio(mean_var_token, mean_var_given_latent),
+            active_token_counts=counts.clone(),
+            n_active_latents=int(active.sum()),
+            n_dead_latents=int((~active).sum()),
+            n_tokens=self.n_tokens,
+        )
+
+
+_TENSORS = ("sum_p", "sum_expected_sq", "sum_var", "weight_sum", "active_token_counts")
+
+
+def variance_ratios(
+    latent_acts: Float[Tensor, "tokens n_layers n_latents"],
+    mask: Bool[Tensor, " tokens"] | None = None,
+    weighting: Weighting = "uniform_tokens",
+) -> LayerDistributionResult:
+    """One-shot :class:`LayerDistributionStats` over a dense tensor of latent activations."""
+    if latent_acts.ndim != 3:
+        raise MLSAEError(
+            f"latent_acts has shape {tuple(latent_acts.shape)}; expected [tokens, n_layers, n_latents]."
+        )
+    _, n_layers, n_latents = latent_acts.shape
+    stats = LayerDistributionStats(n_layers, n_latents, latent_acts.device, weighting)
+    stats.update(latent_acts, mask)
+    return stats.compute()
+
+
+def reference_per_batch_ratios(
+    latent_acts_batches: Iterable[Tensor | tuple[Tensor, Tensor]],
+    n_latents: int | None = None,
+) -> dict[str, Any]:
+    """Eq. 11-12 ratios as the published reference code estimates them, for comparison.
+
+    This is the most literal reading of what the reference (tim-lawson/mlsae) does; use it only
+    to compare with published figures. For each batch (theirs hold 2048 tokens, special tokens
+    included) with ``N`` tokens and ``J`` latents:
+
+    * ``p_tj(l)`` is Eq. 10 for active (token, latent) pairs and 0 for inactive ones (NaN -> 0);
+    * ``q_j(l) = (1/N) sum_t p_tj(l)`` over *all* tokens, so it sums to the fraction of tokens
+      where ``j`` is active rather than to 1, and ``q(l) = (1/J) sum_j q_j(l)`` over *all*
+      latents, dead ones included;
+    * every variance is ``sum_l l^2 r(l) - (sum_l l r(l))^2`` of the un-renormalised ``r``
+      (0-based ``l``; unlike a true variance this depends on the layer offset);
+    * Var(L) from ``q``; E[Var(L|J)] the mean over all latents of that of ``q_j``;
+      E[Var(L|J,T)] the mean over all (token, latent) pairs of that of ``p_tj`` (0 if inactive);
+    * the two ratios are formed per batch and then averaged over batches (a ratio of means
+      would weigh batches differently).
+
+    Args:
+        latent_acts_batches: Dense ``[tokens, n_layers, n_latents]`` tensors, or top-k
+            ``(indices, values)`` pairs of ``[tokens, n_layers, k]`` tensors.
+        n_latents: The SAE's ``d_sae``; needed for top-k pairs, which do not show it.
+
+    Returns:
+        ``latent_ratio`` and ``token_ratio`` (means over batches), their per-batch lists
+        ``latent_ratios`` and ``token_ratios``, and ``n_batches``.
+    """
+    latent_ratios: list[float] = []
+    token_ratios: list[float] = []
+    for batch in latent_acts_batches:
+        if isinstance(batch, Tensor):
+            if batch.ndim != 3:
+                raise MLSAEError(
+                    f"A batch has shape {tuple(batch.shape)}; expected [tokens, n_layers, n_latents]."
+                )
+            stats = LayerDistributionStats(batch.shape[1], batch.shape[2], batch.device)
+            stats.update(batch)
+        else:
+            indices, values = batch
+            if n_latents is None:
+                raise MLSAEError(
+                    "reference_per_batch_ratios got top-k (indices, values) batches without "
+                    "n_latents: pass n_latents=d_sae (every latent counts in the reference's means)."
+                )
+            stats = LayerDistributionStats(indices.shape[1], n_latents, indices.device)
+            stats.update_sparse(indices, values)
+        layers = torch.arange(stats.n_layers, dtype=torch.float64, device=stats.device)
+        q_latent = stats.sum_p / stats.n_tokens  # [J, L], rows sum to the active fraction
+        q = q_latent.mean(0)
+        var_layer = _raw_var(q, layers)
+        mean_var_latent = _raw_var(q_latent, layers).mean()
+        mean_var_token = stats.sum_var.sum() / (stats.n_tokens * stats.n_latents)
+        latent_ratios.append(_ratio(_item(mean_var_latent), _item(var_layer)))
+        token_ratios.append(_ratio(_item(mean_var_token), _item(mean_var_latent)))
+    if not latent_ratios:
+        raise MLSAEError("reference_per_batch_ratios got no batches: pass at least one batch.")
+    return {
+        "latent_ratio": sum(latent_ratios) / len(latent_ratios),
+        "token_ratio": sum(token_ratios) / len(token_ratios),
+        "latent_ratios": latent_ratios,
+        "token_ratios": token_ratios,
+        "n_batches": len(latent_ratios),
+    }
+
+
+def _raw_var(r: Tensor, layers: Tensor) -> Tensor:
+    """``E[l^2] - E[l]^2`` of a possibly unnormalised distribution over the last dim."""
+    return r @ layers.square() - (r @ layers).square()
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _meta(stats: LayerDistributionStats) -> dict[str, Any]:
+    return {
+        "n_layers": stats.n_layers,
+        "n_latents": stats.n_latents,
+        "weighting": stats.weighting,
+        "n_tokens_seen": stats.n_tokens,
+    }
+
+
+def _item(x: Tensor) -> float:
+    return float(x.item()) if x.numel() else math.nan
+
+
+def _ratio(num: float, den: float) -> float:
+    """``num / den``, NaN where the denominator is 0 or NaN (the ratio is undefined)."""
+    return num / den if den > 0 else math.nan
+
+
+def _json_float(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
+def write_safetensors(
+    path: str | os.PathLike[str], tensors: dict[str, Tensor], fmt: str, meta: dict[str, Any]
+) -> None:
+    """Write ``tensors`` with ``{"format": fmt, "meta": json(meta)}`` in the header, atomically.
+
+    A temporary file in the target directory is renamed over ``path``, so a crash never leaves
+    a half-written file where a resumed analysis would look for one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": fmt, "meta": json.dumps(meta)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_safetensors(
+    path: str | os.PathLike[str], fmt: str
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a file written by :func:`write_safetensors`, checking its format tag."""
+    path = Path(path)
+    if not path.is_file():
+        raise MLSAEError(f"No statistics file at {path}: check the path (save() writes it).")
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        if header.get("format") != fmt:
+            raise MLSAEError(
+                f"{path} holds {header.get('format')!r}, not {fmt!r}: load it with the class "
+                "that saved it."
+            )
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open API)
+    return tensors, json.loads(header["meta"])

@@ -1,0 +1,441 @@
+"""The Multi-Layer SAE: one TopK SAE shared by the residual stream of every layer.
+
+Both classes are real SAELens architectures (registered as ``"multilayer_topk"`` in
+``mlsae_lens/__init__.py``), so ``SAE.load_from_disk`` returns a :class:`MultiLayerSAE` and
+SAELens tools read the files (``cfg.json`` + ``sae_weights.safetensors``).
+
+Inputs carry the layer axis second to last: ``[..., n_layers, d_in]``. Each (token, layer)
+vector is a separate example for the same dictionary; only the normalization (``center``
+mode) knows which layer a vector came from.
+
+The forward pass reads top to bottom: normalize → subtract the pre-encoder bias ``b_dec`` →
+encode → top-k → ReLU → decode (a sparse gather of k decoder rows) → add ``b_dec`` →
+un-normalize.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from sae_lens import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig
+from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
+from torch import Tensor, nn
+from typing_extensions import override
+
+from mlsae_lens.errors import MLSAEError
+from mlsae_lens.normalization import (
+    NORMALIZATION_MODES,
+    NormalizationMode,
+    NormStats,
+    denormalize,
+    normalize,
+)
+
+ARCHITECTURE = "multilayer_topk"
+
+
+@dataclass(kw_only=True)
+class MultiLayerFields:
+    """Config fields shared by the inference and the training config."""
+
+    k: int = 32
+    """Latents kept per (token, layer) vector by the TopK activation."""
+    n_layers: int = 1
+    """Number of residual-stream layers the SAE reads (``blocks.{l}.hook_resid_post``)."""
+    normalization: NormalizationMode = "standardize"
+    """Input normalization: ``standardize`` (per vector), ``center`` (per-layer dataset mean) or ``none``."""
+
+    def validate_multilayer(self, d_in: int, d_sae: int) -> None:
+        """Raise :class:`MLSAEError` with the fix for impossible sizes."""
+        if d_in <= 0:
+            raise MLSAEError(f"d_in must be positive, got {d_in}")
+        if d_sae <= 0:
+            raise MLSAEError(
+                f"d_sae must be positive, got {d_sae}; set the expansion factor R > 0"
+            )
+        if not 0 < self.k < d_sae:
+            raise MLSAEError(
+                f"k must satisfy 0 < k < d_sae, got k={self.k} and d_sae={d_sae}; "
+                "choose a smaller k or a larger expansion factor"
+            )
+        if self.n_layers <= 0:
+            raise MLSAEError(f"n_layers must be positive, got {self.n_layers}")
+        if self.normalization not in NORMALIZATION_MODES:
+            raise MLSAEError(
+                f"unknown normalization {self.normalization!r}; use one of {NORMALIZATION_MODES}"
+            )
+
+
+@dataclass
+class MultiLayerSAEConfig(SAEConfig, MultiLayerFields):
+    """Inference config of a :class:`MultiLayerSAE` (SAELens naming: ``d_in``, ``d_sae``, ``k``)."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_multilayer(self.d_in, self.d_sae)
+
+
+@dataclass(kw_only=True)
+class MultiLayerTrainingSAEConfig(TrainingSAEConfig, MultiLayerFields):
+    """Training config: adds the AuxK loss (Gao et al. 2024) to the inference fields."""
+
+    aux_k: int | None = None
+    """Dead latents used by the AuxK loss; ``None`` means ``d_in // 2`` (sparsify's heuristic)."""
+    aux_coefficient: float = 1 / 32
+    """Weight of the AuxK loss (Gao et al. 2024, Appendix A.2)."""
+    decoder_init_norm: float | None = 1.0
+    """Decoder rows start (and stay) at unit norm."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return ARCHITECTURE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate_multilayer(self.d_in, self.d_sae)
+        if self.aux_k is not None and self.aux_k <= 0:
+            raise MLSAEError(f"aux_k must be positive or None, got {self.aux_k}")
+
+    @property
+    def effective_aux_k(self) -> int:
+        return self.aux_k if self.aux_k is not None else max(1, self.d_in // 2)
+
+
+class TopKOutput(NamedTuple):
+    """Sparse latent code: the k selected latents of every vector, post-ReLU."""
+
+    values: Tensor  # [..., n_layers, k]
+    indices: Tensor  # [..., n_layers, k]
+
+
+class EncodeOutput(NamedTuple):
+    topk: TopKOutput
+    norm_stats: NormStats
+    sae_in_normalized: Tensor
+    hidden_pre: Tensor
+
+
+def decode_topk_rows(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """Sum of the selected decoder rows weighted by their activations, without a dense code.
+
+    ``embedding_bag`` gathers k rows per vector: O(vectors·k·d_in) instead of the dense
+    O(vectors·d_sae·d_in) matmul, and its backward only touches the selected rows.
+    """
+    lead = values.shape[:-1]
+    flat = F.embedding_bag(
+        indices.reshape(-1, indices.shape[-1]),
+        W_dec,
+        per_sample_weights=values.reshape(-1, values.shape[-1]).to(W_dec.dtype),
+        mode="sum",
+    )
+    return flat.reshape(*lead, W_dec.shape[-1])
+
+
+def scatter_topk(topk: TopKOutput, d_sae: int) -> Tensor:
+    """Dense ``[..., d_sae]`` code from a sparse one (for SAELens' dense ``encode`` API)."""
+    dense = topk.values.new_zeros(*topk.values.shape[:-1], d_sae)
+    return dense.scatter_(-1, topk.indices, topk.values)
+
+
+class MultiLayerMixin:
+    """Encode/decode math shared by the inference and the training SAE."""
+
+    cfg: Any
+    W_enc: nn.Parameter
+    b_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_dec: nn.Parameter
+    layer_means: Tensor
+    dtype: torch.dtype
+    hook_sae_acts_pre: Callable[[Tensor], Tensor]
+    hook_sae_acts_post: Callable[[Tensor], Tensor]
+    hook_sae_input: Callable[[Tensor], Tensor]
+    hook_sae_recons: Callable[[Tensor], Tensor]
+
+    def init_multilayer_weights(self) -> None:
+        d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
+        device = torch.device(self.cfg.device)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=self.dtype, device=device))
+        # Persistent so that load_from_disk (strict, meta device) restores it.
+        self.register_buffer(  # type: ignore[attr-defined]
+            "layer_means",
+            torch.zeros(self.cfg.n_layers, d_in, dtype=self.dtype, device=device),
+            persistent=True,
+        )
+
+    def check_input(self, x: Tensor) -> None:
+        """One clear message when the activations do not fit this SAE."""
+        if x.ndim < 2 or x.shape[-1] != self.cfg.d_in or x.shape[-2] != self.cfg.n_layers:
+            raise MLSAEError(
+                f"this MLSAE expects activations of shape [..., n_layers={self.cfg.n_layers}, "
+                f"d_in={self.cfg.d_in}], got {list(x.shape)}; stack the model's "
+                "blocks.{l}.hook_resid_post for every layer on the second-to-last axis "
+                "(is it the SAE for this model?)"
+            )
+
+    def normalize_input(self, x: Tensor) -> tuple[Tensor, NormStats]:
+        return normalize(x.to(self.dtype), self.cfg.normalization, self.layer_means)
+
+    def encode_normalized(self, x_norm: Tensor) -> tuple[TopKOutput, Tensor]:
+        """TopK code of already-normalized vectors; also returns the dense pre-activations."""
+        hidden_pre = self.hook_sae_acts_pre((x_norm - self.b_dec) @ self.W_enc + self.b_enc)
+        top = hidden_pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return TopKOutput(values=top.values.relu(), indices=top.indices), hidden_pre
+
+    def encode_full(self, x: Tensor) -> EncodeOutput:
+        self.check_input(x)
+        x_norm, stats = self.normalize_input(self.hook_sae_input(x))
+        topk, hidden_pre = self.encode_normalized(x_norm)
+        return EncodeOutput(topk, stats, x_norm, hidden_pre)
+
+    def encode_topk(self, x: Tensor) -> TopKOutput:
+        """Sparse code ``(values, indices)`` of ``[..., n_layers, d_in]`` activations.
+
+        This is what analysis and evaluation consume: never a dense ``[.., d_sae]`` tensor.
+        """
+        return self.encode_full(x).topk
+
+    def decode_topk_normalized(self, topk: TopKOutput) -> Tensor:
+        """Reconstruction in the normalized space (the space the loss is measured in)."""
+        return self.hook_sae_recons(
+            decode_topk_rows(topk.values, topk.indices, self.W_dec) + self.b_dec
+        )
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Encode and decode ``x`` back into the residual stream's own scale."""
+        out = self.encode_full(x)
+        return denormalize(self.decode_topk_normalized(out.topk), out.norm_stats)
+
+    def dense_encode(self, x: Tensor) -> Tensor:
+        """SAELens' dense ``encode``; remembers the normalization for the next ``decode``."""
+        out = self.encode_full(x)
+        self._pending_norm_stats = out.norm_stats
+        return self.hook_sae_acts_post(scatter_topk(out.topk, self.cfg.d_sae))
+
+    def dense_decode(self, feature_acts: Tensor) -> Tensor:
+        """SAELens' dense ``decode``: back to the residual stream's scale.
+
+        ``standardize`` needs each vector's own mean and std, which only ``encode`` saw, so
+        ``decode`` uses the statistics remembered by the last ``encode`` (as SAELens' own
+        ``layer_norm`` mode does).
+        """
+        x_norm = self.hook_sae_recons(feature_acts.to(self.dtype) @ self.W_dec + self.b_dec)
+        stats = getattr(self, "_pending_norm_stats", None)
+        if self.cfg.normalization == "standardize":
+            if stats is None or stats.shift.shape[:-1] != x_norm.shape[:-1]:
+                raise MLSAEError(
+                    "decode() of a standardize-mode MLSAE needs the per-vector statistics "
+                    "of the matching encode() call; use sae(x) or sae.reconstruct(x) instead"
+                )
+            self._pending_norm_stats = None
+            return denormalize(x_norm, stats)
+        stats = normalize(x_norm, self.cfg.normalization, self.layer_means)[1]
+        return denormalize(x_norm, stats)
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_norm(self) -> None:
+        self.W_dec.data /= self.W_dec.data.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_directions(self) -> None:
+        """Keep decoder rows on the unit sphere: drop the gradient's radial component."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec.data).sum(dim=-1, keepdim=True)
+        self.W_dec.grad -= parallel * self.W_dec.data
+
+
+class MultiLayerSAE(MultiLayerMixin, SAE[MultiLayerSAEConfig]):
+    """Inference MLSAE. ``encode``/``decode`` follow SAELens' dense API; prefer
+    :meth:`encode_topk` for analysis and :meth:`reconstruct` for reconstructions."""
+
+    def __init__(self, cfg: MultiLayerSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        self.init_multilayer_weights()
+
+    @override
+    def encode(self, x: Tensor) -> Tensor:
+        return self.dense_encode(x)
+
+    @override
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        return self.dense_decode(feature_acts)
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        return self.hook_sae_output(self.reconstruct(x))
+
+    @override
+    def get_activation_fn(self) -> Callable[[Tensor], Tensor]:
+        return lambda x: x  # TopK lives in encode_normalized
+
+    @override
+    @classmethod
+    def get_sae_config_class_for_architecture(cls, architecture: str) -> type[SAEConfig]:
+        from sae_lens.registry import get_sae_class
+
+        return get_sae_class(architecture)[1]
+
+
+@dataclass
+class MultiLayerTrainStepOutput(TrainStepOutput):
+    """SAELens' step output plus the sparse code and the per-layer FVU."""
+
+    topk: TopKOutput | None = None
+    layer_fvu: Tensor | None = None
+
+
+class MultiLayerTrainingSAE(MultiLayerMixin, TrainingSAE[MultiLayerTrainingSAEConfig]):
+    """Training MLSAE: loss = mean over layers of each layer's FVU + AuxK.
+
+    ``training_forward_pass`` takes a :class:`TrainStepInput` whose ``sae_in`` is
+    ``[batch, n_layers, d_in]`` raw residual vectors (special tokens already removed).
+    """
+
+    def __init__(self, cfg: MultiLayerTrainingSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()  # W_enc = W_dec.T, decoder rows at decoder_init_norm
+        self.init_multilayer_weights()
+
+    @override
+    def encode_with_hidden_pre(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.encode_full(x)
+        self._pending_norm_stats = out.norm_stats
+        return scatter_topk(out.topk, self.cfg.d_sae), out.hidden_pre
+
+    @override
+    def encode(self, x: Tensor) -> Tensor:
+        return self.dense_encode(x)
+
+    @override
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        return self.dense_decode(feature_acts)
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        return self.hook_sae_output(self.reconstruct(x))
+
+    @override
+    def get_activation_fn(self) -> Callable[[Tensor], Tensor]:
+        return lambda x: x
+
+    @override
+    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        return {}
+
+    @torch.no_grad()
+    def initialize_b_dec_with_geometric_median(self, sae_in: Tensor) -> None:
+        """Pre-encoder bias = geometric median of a batch *in the normalized space* it is
+        subtracted in (the reference code took the median of raw inputs: a mismatch)."""
+        x_norm, _ = self.normalize_input(sae_in)
+        self.b_dec.data = geometric_median(x_norm.reshape(-1, self.cfg.d_in)).to(self.dtype)
+
+    @override
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: Tensor,
+        hidden_pre: Tensor,
+        sae_out: Tensor,
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError("MultiLayerTrainingSAE computes AuxK in training_forward_pass")
+
+    @override
+    def training_forward_pass(self, step_input: TrainStepInput) -> MultiLayerTrainStepOutput:
+        out = self.encode_full(step_input.sae_in)
+        x_norm = out.sae_in_normalized
+        recon = self.decode_topk_normalized(out.topk)
+        layer_var = per_layer_total_variance(x_norm)
+        error = recon - x_norm
+        layer_fvu = error.pow(2).sum(dim=-1).sum(dim=0) / layer_var
+        fvu = layer_fvu.mean()
+        auxk = self.auxk_loss(error.detach(), out.hidden_pre, layer_var, step_input.dead_neuron_mask)
+        loss = fvu + self.cfg.aux_coefficient * auxk
+        values, indices = out.topk
+        n_vectors = values.shape[0] * values.shape[1]
+        feature_acts = torch.sparse_coo_tensor(
+            torch.stack(
+                [
+                    torch.arange(n_vectors, device=values.device).repeat_interleave(self.cfg.k),
+                    indices.reshape(-1),
+                ]
+            ),
+            values.detach().reshape(-1),
+            (n_vectors, self.cfg.d_sae),
+            check_invariants=False,
+        )
+        result = MultiLayerTrainStepOutput(
+            sae_in=step_input.sae_in,
+            sae_out=denormalize(recon, out.norm_stats),
+            feature_acts=feature_acts,
+            hidden_pre=out.hidden_pre,
+            loss=loss,
+            losses={"mse_loss": fvu, "auxiliary_reconstruction_loss": auxk},
+            topk=out.topk,
+            layer_fvu=layer_fvu.detach(),
+        )
+        return result
+
+    def auxk_loss(
+        self,
+        error: Tensor,
+        hidden_pre: Tensor,
+        layer_var: Tensor,
+        dead_mask: Tensor | None,
+    ) -> Tensor:
+        """AuxK (Gao et al. 2024, Appendix A.2): the top ``aux_k`` *dead* latents reconstruct
+        the main reconstruction's error; its FVU, scaled down when few latents are dead.
+
+        ``error`` is the main error in the normalized space, the same space the auxiliary
+        decode lives in (the reference code mixed raw and standardized spaces here).
+        """
+        if dead_mask is None or not bool(dead_mask.any()):
+            return hidden_pre.new_zeros(())
+        n_dead = int(dead_mask.sum())
+        aux_k = min(self.cfg.effective_aux_k, n_dead)
+        # Heuristic from sparsify: fewer dead latents than aux_k lowers the loss's weight.
+        scale = min(n_dead / self.cfg.effective_aux_k, 1.0)
+        dead_pre = hidden_pre.masked_fill(~dead_mask, -torch.inf)
+        top = dead_pre.topk(aux_k, dim=-1, sorted=False)
+        aux_recon = decode_topk_rows(top.values.relu(), top.indices, self.W_dec)
+        aux_fvu = (aux_recon - error).pow(2).sum(dim=-1).sum(dim=0) / layer_var
+        return scale * aux_fvu.mean()
+
+
+def per_layer_total_variance(x: Tensor) -> Tensor:
+    """Σ_batch ||x - mean_batch(x)||² for each layer of ``[batch, n_layers, d_in]``: the
+    denominator of each layer's FVU (clamped so a constant batch cannot divide by zero)."""
+    return (x - x.mean(dim=0)).pow(2).sum(dim=(0, 2)).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances.
+
+    Robust to outliers (unlike the mean), hence the usual SAE bias initialisation
+    (Bricken et al. 2023; the reference implementation uses it too).
+    """
+    points = points.double()
+    median = points.mean(dim=0)
+    for _ in range(max_iter):
+        weights = 1.0 / (points - median).norm(dim=-1).clamp_min(1e-8)
+        new = (weights[:, None] * points).sum(dim=0) / weights.sum()
+        if (new - median).norm() <= tol * max(1.0, float(median.norm())):
+            median = new
+            break
+        median = new
+    return median.float()
