@@ -1,0 +1,133 @@
+"""Atomic, pickle-free checkpoints of a training run.
+
+A checkpoint is a directory written under a temporary name and renamed into place, so a
+crash leaves either the previous checkpoint or the new one, never half of one. It holds the
+SAE (SAELens format), the optimizer's tensors, the dead-latent counters and the RNG state in
+safetensors, and the rest (step, data position, scheduler, log) in JSON.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mlsae_lens.errors import MLSAEError
+
+CHECKPOINT_DIR = "checkpoints"
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.save_file`` through a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (safetensors) and plain data (JSON)."""
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for index, param_state in state["state"].items():
+        for name, value in param_state.items():
+            tensors[f"optimizer.{index}.{name}"] = torch.as_tensor(value)
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def write_checkpoint(
+    run_dir: Path,
+    name: str,
+    sae: Any,
+    tensors: dict[str, torch.Tensor],
+    plain: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write ``run_dir/checkpoints/<name>`` atomically and keep the newest ``keep``."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        sae.save_model(tmp)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / STATE_TENSORS)
+        (tmp / STATE_JSON).write_text(json.dumps(plain, indent=2, default=str))
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def atomic_save_sae(sae: Any, directory: Path, inference: bool = True) -> None:
+    """Save an SAE in SAELens' format into ``directory`` file by file through renames, so an
+    earlier SAE there stays whole until the new one is complete."""
+    directory = Path(directory)
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-sae-"))
+    try:
+        (sae.save_inference_model if inference else sae.save_model)(tmp)
+        # Weights first, config last: a cfg.json always describes complete weights.
+        for name in sorted(p.name for p in tmp.iterdir() if p.name != "cfg.json") + ["cfg.json"]:
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (names sort by token count)."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Trainer tensors and JSON state of a checkpoint; a damaged one is named."""
+    try:
+        tensors = load_file(Path(path) / STATE_TENSORS)
+        plain = json.loads((Path(path) / STATE_JSON).read_text())
+    except Exception as exc:  # safetensors raises its own error types
+        raise MLSAEError(
+            f"checkpoint {path} is damaged or incomplete ({exc}); delete it to resume from "
+            "the one before, or start a new run"
+        ) from exc
+    return tensors, plain

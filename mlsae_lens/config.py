@@ -1,0 +1,140 @@
+"""The training run's configuration: one dataclass, every field documented.
+
+The CLI builds its flags from these fields (help text from each field's ``help``), so a new
+option needs one line here. Cross-field checks raise :class:`MLSAEError` with the fix.
+"""
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+from mlsae_lens.errors import MLSAEError
+from mlsae_lens.normalization import NORMALIZATION_MODES, NormalizationMode
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
+EMBEDDED_CORPUS = "embedded"
+
+
+def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class MultiLayerRunnerConfig:
+    """Everything that determines a training run (all layers instead of one ``hook_name``)."""
+
+    model_name: str = option(
+        EMBEDDED_MODEL,
+        "TransformerLens model name (e.g. pythia-70m-deduped, needs the hub) or the embedded "
+        "default SmolLM2-135M-Instruct, which works offline",
+    )
+    dataset: str = option(
+        EMBEDDED_CORPUS,
+        "corpus: 'embedded' (English text shipped with Python), a local .txt/.jsonl/.parquet "
+        "file or directory, or a Hugging Face dataset name (streamed; needs the hub)",
+    )
+    text_column: str | None = option(None, "text column of a jsonl/parquet/hub dataset")
+    context_size: int = option(128, "tokens per context")
+    test_fraction: float = option(0.1, "fraction of contexts held out as the test split")
+    max_corpus_tokens: int | None = option(
+        None, "read at most this many corpus tokens (default: all of a local corpus)"
+    )
+    expansion_factor: int = option(
+        8, "R: the SAE has R * d_model latents (the paper uses 64; 8 keeps CPU runs short)"
+    )
+    k: int = option(32, "latents kept per (token, layer) vector by TopK")
+    normalization: NormalizationMode = option(
+        "standardize",
+        "input normalization: standardize (per vector, the reference default), "
+        "center (subtract each layer's dataset mean) or none",
+    )
+    training_tokens: int = option(
+        50_000, "training tokens (each brings n_layers vectors); special tokens do not count"
+    )
+    batch_size_tokens: int = option(64, "tokens per optimizer step (x n_layers vectors)")
+    contexts_per_chunk: int = option(
+        32, "contexts harvested together; their tokens are shuffled across contexts and layers"
+    )
+    model_batch_size: int = option(8, "contexts per model forward pass")
+    lr: float = option(1e-4, "Adam learning rate (reference: 1e-4)")
+    adam_eps: float = option(6.25e-10, "Adam epsilon (reference: 6.25e-10)")
+    adam_beta1: float = option(0.9, "Adam beta1")
+    adam_beta2: float = option(0.999, "Adam beta2")
+    lr_warm_up_steps: int = option(0, "linear learning-rate warm-up steps")
+    lr_decay: Literal["none", "linear", "cosine"] = option(
+        "none", "learning-rate decay to zero over training after warm-up: none, linear, cosine"
+    )
+    dead_tokens_threshold: int | None = option(
+        None,
+        "a latent is dead after this many tokens without firing at any layer "
+        "(default: min(10M, training_tokens // 10); 10M is Gao et al.'s choice)",
+    )
+    aux_k: int | None = option(None, "dead latents in the AuxK loss (default d_model // 2)")
+    aux_coefficient: float = option(1 / 32, "AuxK loss coefficient (Gao et al.: 1/32)")
+    center_estimation_tokens: int = option(
+        10_000, "tokens used to estimate the per-layer means for --normalization center"
+    )
+    checkpoint_every_tokens: int | None = option(
+        None, "write a checkpoint every N training tokens (default: a quarter of the run)"
+    )
+    log_every_steps: int = option(10, "record loss, FVU, L0 and dead fraction every N steps")
+    output_dir: str = option("runs/mlsae", "run directory (SAE, checkpoints, logs, report)")
+    resume: bool = option(False, "continue the run in --output-dir from its latest checkpoint")
+    seed: int = option(42, "random seed (weights and data order)")
+    device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
+    log_to_wandb: bool = option(False, "log metrics to Weights & Biases (off by default)")
+    wandb_project: str = option("mlsae-lens", "Weights & Biases project")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.k > 0, f"--k must be positive, got {self.k}"),
+            (
+                self.expansion_factor > 0,
+                f"--expansion-factor (R) must be positive, got {self.expansion_factor}",
+            ),
+            (self.context_size >= 2, f"--context-size must be at least 2, got {self.context_size}"),
+            (
+                0 < self.test_fraction < 1,
+                f"--test-fraction must be between 0 and 1, got {self.test_fraction}",
+            ),
+            (self.training_tokens > 0, "--training-tokens must be positive"),
+            (self.batch_size_tokens > 0, "--batch-size-tokens must be positive"),
+            (self.contexts_per_chunk > 0, "--contexts-per-chunk must be positive"),
+            (self.model_batch_size > 0, "--model-batch-size must be positive"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (
+                self.normalization in NORMALIZATION_MODES,
+                f"--normalization must be one of {NORMALIZATION_MODES}, got {self.normalization!r}",
+            ),
+            (
+                self.lr_decay in ("none", "linear", "cosine"),
+                f"--lr-decay must be none, linear or cosine, got {self.lr_decay!r}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MLSAEError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MultiLayerRunnerConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+    @property
+    def effective_dead_tokens_threshold(self) -> int:
+        if self.dead_tokens_threshold is not None:
+            return self.dead_tokens_threshold
+        return max(1, min(10_000_000, self.training_tokens // 10))
+
+    @property
+    def effective_checkpoint_every_tokens(self) -> int:
+        if self.checkpoint_every_tokens is not None:
+            return self.checkpoint_every_tokens
+        return max(1, self.training_tokens // 4)
+
+
+# Fields that may differ when resuming a run: they do not change what was trained so far.
+RESUMABLE_FIELDS = {"resume", "training_tokens", "checkpoint_every_tokens", "log_every_steps",
+                    "device", "log_to_wandb", "wandb_project", "output_dir"}

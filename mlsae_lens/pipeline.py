@@ -1,0 +1,153 @@
+"""End-to-end flows used by the CLI: the demo (train → evaluate → report).
+
+Loading a finished run back (model, test split, SAE) lives here too, so ``analyze`` and
+``eval`` see exactly the tokens the run held out.
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sae_lens import SAE
+from transformer_lens import HookedTransformer
+
+from mlsae_lens.checkpoint import atomic_write_json
+from mlsae_lens.config import MultiLayerRunnerConfig
+from mlsae_lens.errors import MLSAEError
+from mlsae_lens.evals import ReconstructionResult, evaluate_reconstruction
+from mlsae_lens.figures import per_layer_fvu_figure, training_curve_figure
+from mlsae_lens.report import ReportSection, write_report
+from mlsae_lens.sae import MultiLayerSAE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedRun:
+    """A finished run: its config, SAE, model and test split."""
+
+    path: Path
+    cfg: MultiLayerRunnerConfig
+    sae: MultiLayerSAE
+    model: HookedTransformer
+    splits: Any
+    test_special_mask: Any
+
+
+def load_sae(path: Path, device: str = "cpu") -> MultiLayerSAE:
+    """``SAE.load_from_disk`` with clear messages for the usual ways it goes wrong."""
+    path = Path(path)
+    cfg_file = path / "cfg.json"
+    if not cfg_file.exists() or not (path / "sae_weights.safetensors").exists():
+        raise MLSAEError(f"{path} holds no SAE (cfg.json + sae_weights.safetensors); pass a run directory")
+    try:
+        architecture = json.loads(cfg_file.read_text()).get("architecture")
+    except json.JSONDecodeError as exc:
+        raise MLSAEError(f"{cfg_file} is not valid JSON ({exc}); the run directory is damaged") from exc
+    if architecture != "multilayer_topk":
+        raise MLSAEError(
+            f"{path} holds a SAELens SAE of architecture {architecture!r}, not an MLSAE "
+            "('multilayer_topk'); load it with sae_lens.SAE.load_from_disk instead"
+        )
+    try:
+        sae = SAE.load_from_disk(path, device=device)
+    except MLSAEError:
+        raise
+    except Exception as exc:  # safetensors / torch raise several types for damaged files
+        raise MLSAEError(
+            f"could not load the SAE weights in {path} ({type(exc).__name__}: {exc}); the file is "
+            "truncated or corrupted — retrain or restore it from a checkpoint"
+        ) from exc
+    assert isinstance(sae, MultiLayerSAE)
+    return sae
+
+
+def check_sae_fits_model(sae: MultiLayerSAE, model: HookedTransformer) -> None:
+    if sae.cfg.d_in != model.cfg.d_model or sae.cfg.n_layers != model.cfg.n_layers:
+        raise MLSAEError(
+            f"the SAE expects d_in={sae.cfg.d_in} over n_layers={sae.cfg.n_layers}, but the model "
+            f"has d_model={model.cfg.d_model} and n_layers={model.cfg.n_layers}; use the model "
+            "the SAE was trained on"
+        )
+
+
+def load_run(path: Path, model: HookedTransformer | None = None, device: str = "cpu") -> LoadedRun:
+    from mlsae_lens.data import load_token_splits, special_token_mask
+    from mlsae_lens.models import load_model
+
+    path = Path(path)
+    run_file = path / "run.json"
+    if not run_file.exists():
+        raise MLSAEError(f"{path} is not an mlsae-lens run directory (no run.json); pass the --output-dir of a training run")
+    cfg = MultiLayerRunnerConfig.from_dict(json.loads(run_file.read_text()))
+    sae = load_sae(path, device)
+    model = model if model is not None else load_model(cfg.model_name, device=device)
+    check_sae_fits_model(sae, model)
+    splits = load_token_splits(
+        cfg.dataset,
+        tokenizer=model.tokenizer,
+        context_size=cfg.context_size,
+        test_fraction=cfg.test_fraction,
+        max_tokens=cfg.max_corpus_tokens,
+        seed=cfg.seed,
+        text_column=cfg.text_column,
+    )
+    return LoadedRun(path, cfg, sae, model, splits, special_token_mask(splits.test, model.tokenizer))
+
+
+def reconstruction_section(result: ReconstructionResult, n_layers: int, k: int) -> ReportSection:
+    series = {"MLSAE": result.fvu.tolist()}
+    if result.pca_fvu is not None:
+        series[f"PCA rank {k} (in-sample)"] = result.pca_fvu.tolist()
+    summary = result.to_dict()
+    table = {key: value for key, value in summary.items() if key != "per_layer"}
+    return ReportSection(
+        title="Reconstruction on the held-out split",
+        html=(
+            "<p>FVU per layer in the SAE's normalized space. The PCA floor is the best rank-k "
+            "linear reconstruction of the very same vectors (fit in-sample, per layer).</p>"
+        ),
+        figures=[per_layer_fvu_figure(series, n_layers)],
+        table=table,
+    )
+
+
+def run_demo(cfg: MultiLayerRunnerConfig, eval_tokens: int = 4096) -> Path:
+    """Train on the embedded model and corpus, evaluate, and write ``report.html``."""
+    from mlsae_lens.data import special_token_mask
+    from mlsae_lens.training import MultiLayerSAETrainingRunner
+
+    runner = MultiLayerSAETrainingRunner(cfg)
+    sae = runner.run()
+    sae.eval()
+    test_mask = special_token_mask(runner.splits.test, runner.model.tokenizer)
+    result = evaluate_reconstruction(
+        sae, runner.model, runner.splits.test, test_mask, max_tokens=eval_tokens,
+        model_batch_size=cfg.model_batch_size,
+    )
+    metrics = result.to_dict()
+    atomic_write_json(runner.out / "eval.json", metrics)
+    logger.info(
+        "test FVU (mean over %d layers): MLSAE %.4f vs PCA rank-%d %.4f",
+        sae.cfg.n_layers, metrics["mean_fvu"], sae.cfg.k, metrics.get("pca_mean_fvu", float("nan")),
+    )
+    sections = [
+        ReportSection(
+            title="Run",
+            table={
+                "model": cfg.model_name,
+                "layers": sae.cfg.n_layers,
+                "d_in": sae.cfg.d_in,
+                "d_sae": sae.cfg.d_sae,
+                "k": sae.cfg.k,
+                "normalization": sae.cfg.normalization,
+                "training tokens": runner.state.tokens,
+                "corpus": runner.splits.provenance,
+            },
+        ),
+        ReportSection(title="Training", figures=[training_curve_figure(runner.state.log)]),
+        reconstruction_section(result, sae.cfg.n_layers, sae.cfg.k),
+    ]
+    return write_report(runner.out / "report.html", f"MLSAE demo — {cfg.model_name}", sections)

@@ -1,0 +1,367 @@
+"""Training runner: all layers of a TransformerLens model into one MLSAE.
+
+Why not SAELens' ``LanguageModelSAETrainingRunner``: its activation store, evaluator and
+trainer are built around one ``hook_name``, its trainer assumes 2-D ``[batch, d_sae]``
+feature activations and hard-codes gradient clipping, and its checkpoints do not restore
+the data position, so a resumed run cannot end bitwise equal to an uninterrupted one. We
+keep SAELens' pieces that fit (the ``TrainingSAE`` base, ``TrainStepInput``/``Output``, the
+architecture registry and file format) and own the loop.
+
+Each step: AuxK dead mask → ``training_forward_pass`` → backward → drop the decoder
+gradient's radial part → Adam → schedule → renormalize decoder rows → dead counters.
+"""
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens.saes.sae import SAEMetadata, TrainStepInput
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from mlsae_lens.activations import (
+    ActivationStream,
+    ActivationStreamConfig,
+    estimate_layer_means,
+    resid_post_hook_names,
+)
+from mlsae_lens.checkpoint import (
+    atomic_save_sae,
+    atomic_write_json,
+    list_checkpoints,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    read_checkpoint,
+    write_checkpoint,
+)
+from mlsae_lens.config import RESUMABLE_FIELDS, MultiLayerRunnerConfig
+from mlsae_lens.errors import MLSAEError
+from mlsae_lens.sae import MultiLayerTrainingSAE, MultiLayerTrainingSAEConfig
+
+logger = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+LOG_FILE = "training_log.json"
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MLSAEError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def lr_lambda(cfg: MultiLayerRunnerConfig, total_steps: int):
+    """Linear warm-up, then constant / linear / cosine decay to zero."""
+
+    def factor(step: int) -> float:
+        if step < cfg.lr_warm_up_steps:
+            return (step + 1) / cfg.lr_warm_up_steps
+        if cfg.lr_decay == "none":
+            return 1.0
+        span = max(1, total_steps - cfg.lr_warm_up_steps)
+        progress = min(1.0, (step - cfg.lr_warm_up_steps) / span)
+        if cfg.lr_decay == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class TrainingState:
+    """Everything besides weights and optimizer that a resumed run needs."""
+
+    step: int = 0
+    tokens: int = 0
+    chunk: int = 0
+    batch_in_chunk: int = 0
+    log: list[dict[str, float]] = field(default_factory=list)
+
+
+def prepare_output_dir(cfg: MultiLayerRunnerConfig) -> Path:
+    """Create the run directory, or check that ``--resume`` continues the same run."""
+    out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise MLSAEError(
+            f"output directory {out} is not writable ({exc.strerror}); choose another --output-dir"
+        ) from exc
+    run_file = out / RUN_FILE
+    if run_file.exists():
+        previous = json.loads(run_file.read_text())
+        if not cfg.resume:
+            raise MLSAEError(
+                f"{out} already holds a run; pass --resume to continue it, or choose a new --output-dir"
+            )
+        differing = sorted(
+            key
+            for key, value in cfg.to_dict().items()
+            if key not in RESUMABLE_FIELDS and previous.get(key) != value
+        )
+        if differing:
+            raise MLSAEError(
+                f"{out} holds a different run (settings differ: {', '.join(differing)}); "
+                "use the same settings to resume, or choose a new --output-dir"
+            )
+    elif any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise MLSAEError(
+            f"{out} is not empty and holds no mlsae-lens run; choose an empty or new --output-dir"
+        )
+    elif cfg.resume:
+        raise MLSAEError(f"--resume was given but {out} holds no run to resume; drop --resume")
+    return out
+
+
+class MultiLayerSAETrainingRunner:
+    """Train an MLSAE on every ``hook_resid_post`` of a model, with checkpoints and resume.
+
+    Args:
+        cfg: the run's configuration.
+        model: an already-loaded model (else ``cfg.model_name`` is loaded).
+        splits: already-tokenized splits (else ``cfg.dataset`` is loaded).
+    """
+
+    def __init__(
+        self,
+        cfg: MultiLayerRunnerConfig,
+        model: HookedTransformer | None = None,
+        splits: Any = None,
+    ):
+        from mlsae_lens.data import load_token_splits, special_token_mask
+        from mlsae_lens.models import load_model
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.out = prepare_output_dir(cfg)
+        self.model = model if model is not None else load_model(cfg.model_name, device=self.device)
+        self.splits = splits if splits is not None else load_token_splits(
+            cfg.dataset,
+            tokenizer=self.model.tokenizer,
+            context_size=cfg.context_size,
+            test_fraction=cfg.test_fraction,
+            max_tokens=cfg.max_corpus_tokens,
+            seed=cfg.seed,
+            text_column=cfg.text_column,
+        )
+        self.special_mask = special_token_mask(self.splits.train, self.model.tokenizer)
+        self.stream = ActivationStream(
+            self.model,
+            self.splits.train,
+            self.special_mask,
+            ActivationStreamConfig(
+                contexts_per_chunk=cfg.contexts_per_chunk,
+                batch_size_tokens=cfg.batch_size_tokens,
+                model_batch_size=cfg.model_batch_size,
+                seed=cfg.seed,
+            ),
+            device=self.device,
+        )
+        torch.manual_seed(cfg.seed)
+        self.sae = MultiLayerTrainingSAE(self.sae_config()).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.sae.parameters(),
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
+        )
+        self.total_steps = math.ceil(cfg.training_tokens / cfg.batch_size_tokens)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg, self.total_steps)
+        )
+        self.tokens_since_fired = torch.zeros(self.sae.cfg.d_sae, dtype=torch.long, device=self.device)
+        self.state = TrainingState()
+        self._stop_signal: int | None = None
+
+    def sae_config(self) -> MultiLayerTrainingSAEConfig:
+        mcfg = self.model.cfg
+        return MultiLayerTrainingSAEConfig(
+            d_in=mcfg.d_model,
+            d_sae=self.cfg.expansion_factor * mcfg.d_model,
+            k=self.cfg.k,
+            n_layers=mcfg.n_layers,
+            normalization=self.cfg.normalization,
+            aux_k=self.cfg.aux_k,
+            aux_coefficient=self.cfg.aux_coefficient,
+            device=self.device,
+            metadata=SAEMetadata(
+                model_name=self.cfg.model_name,
+                hook_name=None,
+                hook_names=resid_post_hook_names(mcfg.n_layers),
+                context_size=self.cfg.context_size,
+                prepend_bos=False,
+                dataset_path=self.cfg.dataset,
+            ),
+        )
+
+    # ---- checkpoints -------------------------------------------------------------------
+
+    def checkpoint(self) -> Path:
+        tensors, plain = optimizer_to_tensors(self.optimizer)
+        tensors["tokens_since_fired"] = self.tokens_since_fired.cpu()
+        tensors["torch_rng_state"] = torch.get_rng_state()
+        plain.update(
+            step=self.state.step,
+            tokens=self.state.tokens,
+            chunk=self.state.chunk,
+            batch_in_chunk=self.state.batch_in_chunk,
+            scheduler=self.scheduler.state_dict(),
+            log=self.state.log,
+        )
+        return write_checkpoint(self.out, f"tokens_{self.state.tokens:012d}", self.sae, tensors, plain)
+
+    def restore(self, path: Path) -> None:
+        tensors, plain = read_checkpoint(path)
+        from safetensors.torch import load_file
+
+        self.sae.load_state_dict(load_file(path / "sae_weights.safetensors", device=self.device))
+        self.optimizer.load_state_dict(optimizer_from_tensors(tensors, plain))
+        self.scheduler.load_state_dict(plain["scheduler"])
+        self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device)
+        torch.set_rng_state(tensors["torch_rng_state"])
+        self.state = TrainingState(
+            step=plain["step"],
+            tokens=plain["tokens"],
+            chunk=plain["chunk"],
+            batch_in_chunk=plain["batch_in_chunk"],
+            log=plain["log"],
+        )
+        logger.info("resumed from %s at %d tokens", path, self.state.tokens)
+
+    # ---- the loop ----------------------------------------------------------------------
+
+    def initialize(self, first_batch: Tensor) -> None:
+        if self.cfg.normalization == "center":
+            self.sae.layer_means.copy_(
+                estimate_layer_means(
+                    self.model,
+                    self.splits.train,
+                    self.special_mask,
+                    self.cfg.center_estimation_tokens,
+                    self.cfg.model_batch_size,
+                ).to(self.device)
+            )
+        self.sae.initialize_b_dec_with_geometric_median(first_batch)
+
+    def step(self, batch: Tensor) -> dict[str, float]:
+        dead_mask = self.tokens_since_fired >= self.cfg.effective_dead_tokens_threshold
+        out = self.sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=batch,
+                coefficients={},
+                dead_neuron_mask=dead_mask,
+                n_training_steps=self.state.step,
+                is_logging_step=False,
+            )
+        )
+        if not torch.isfinite(out.loss):
+            last = list_checkpoints(self.out)
+            where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+            raise MLSAEError(
+                f"the loss became NaN/inf at step {self.state.step}; {where}. Lower --lr and "
+                "resume with --resume (or start a new run)"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.sae.remove_gradient_parallel_to_decoder_directions()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.sae.set_decoder_norm_to_unit_norm()
+
+        assert out.topk is not None and out.layer_fvu is not None
+        n_tokens = batch.shape[0]
+        active = out.topk.values > 0
+        fired = torch.zeros_like(dead_mask)
+        fired[out.topk.indices[active]] = True
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired[fired] = 0
+        return {
+            "loss": float(out.loss.detach()),
+            "fvu": float(out.losses["mse_loss"].detach()),
+            "auxk": float(out.losses["auxiliary_reconstruction_loss"].detach()),
+            "l0": float(active.sum(-1).float().mean()),
+            "dead_fraction": float(dead_mask.float().mean()),
+        }
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._stop_signal = signum
+
+    def run(self) -> MultiLayerTrainingSAE:
+        cfg = self.cfg
+        checkpoints = list_checkpoints(self.out)
+        if cfg.resume and checkpoints:
+            self.restore(checkpoints[-1])
+        elif cfg.resume:
+            raise MLSAEError(f"--resume: {self.out} has no checkpoint yet; start the run again without --resume")
+        atomic_write_json(self.out / RUN_FILE, cfg.to_dict())
+
+        batches = self.stream.batches(self.state.chunk, self.state.batch_in_chunk)
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        wandb_run = self._maybe_wandb()
+        next_checkpoint = (self.state.tokens // cfg.effective_checkpoint_every_tokens + 1) * cfg.effective_checkpoint_every_tokens
+        started = time.perf_counter()
+        start_tokens = self.state.tokens
+        try:
+            with tqdm(total=cfg.training_tokens, initial=self.state.tokens, desc="training", unit="tok") as bar:
+                while self.state.tokens < cfg.training_tokens:
+                    chunk, index, batch = next(batches)
+                    if self.state.step == 0:
+                        self.initialize(batch)
+                    metrics = self.step(batch)
+                    self.state.step += 1
+                    self.state.tokens += batch.shape[0]
+                    self.state.chunk, self.state.batch_in_chunk = chunk, index + 1
+                    bar.update(batch.shape[0])
+                    if self.state.step % cfg.log_every_steps == 0 or self.state.tokens >= cfg.training_tokens:
+                        rate = (self.state.tokens - start_tokens) / max(1e-9, time.perf_counter() - started)
+                        record = {"step": self.state.step, "tokens": self.state.tokens, **metrics}
+                        self.state.log.append(record)
+                        bar.set_postfix(tok_s=f"{rate:.0f}", loss=f"{metrics['loss']:.3f}", fvu=f"{metrics['fvu']:.3f}",
+                                        l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead_fraction']:.2f}")
+                        if wandb_run is not None:
+                            wandb_run.log(record, step=self.state.step)
+                    if self.state.tokens >= next_checkpoint and self.state.tokens < cfg.training_tokens:
+                        self.checkpoint()
+                        next_checkpoint += cfg.effective_checkpoint_every_tokens
+                    if self._stop_signal is not None:
+                        path = self.checkpoint()
+                        raise MLSAEError(
+                            f"interrupted by signal {self._stop_signal} at {self.state.tokens} tokens; "
+                            f"checkpoint saved to {path}; continue with --resume"
+                        )
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if wandb_run is not None:
+                wandb_run.finish()
+        self.save_final()
+        return self.sae
+
+    def save_final(self) -> None:
+        """The inference SAE in SAELens' format directly in the run directory, plus the log."""
+        atomic_save_sae(self.sae, self.out)
+        atomic_write_json(self.out / LOG_FILE, self.state.log)
+        atomic_write_json(
+            self.out / "splits.json",
+            {"train": self.splits.provenance, "n_train_contexts": int(self.splits.train.shape[0]),
+             "n_test_contexts": int(self.splits.test.shape[0])},
+        )
+
+    def _maybe_wandb(self) -> Any:
+        if not self.cfg.log_to_wandb:
+            return None
+        import wandb
+
+        return wandb.init(project=self.cfg.wandb_project, config=self.cfg.to_dict())
