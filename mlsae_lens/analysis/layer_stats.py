@@ -23,6 +23,7 @@ its figures this module also offers ``weighting="activation_mass"`` (its heatmap
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -33,7 +34,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Bool, Float, Int
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -58,19 +58,19 @@ class LayerDistributionResult:
 
     weighting: str
     """``"uniform_tokens"`` (the paper) or ``"activation_mass"`` (the reference code)."""
-    layer_given_latent: Float[Tensor, "n_latents n_layers"]
+    layer_given_latent: Tensor  # [n_latents, n_layers]
     """P(L | J=j): each active row sums to 1."""
-    expected_layer: Float[Tensor, " n_latents"]
+    expected_layer: Tensor  # [n_latents]
     """E[L | J=j] with 0-based layers: the heatmaps' sort key."""
-    var_layer_given_latent: Float[Tensor, " n_latents"]
+    var_layer_given_latent: Tensor  # [n_latents]
     """Var(L | J=j): 0 for a latent that is only ever active at one layer."""
-    var_given_latent_token: Float[Tensor, " n_latents"]
+    var_given_latent_token: Tensor  # [n_latents]
     """E_T[Var(L | J=j, T)]: the spread left within single tokens."""
-    var_token_expected_layer: Float[Tensor, " n_latents"]
+    var_token_expected_layer: Tensor  # [n_latents]
     """Var_T(E[L | J=j, T]): the spread explained by which token it is."""
-    latent_order: Int[Tensor, " n_active"]
+    latent_order: Tensor  # [n_active]
     """Indices of active latents sorted by E[L|J] ascending (stable: ties keep index order)."""
-    layer_marginal: Float[Tensor, " n_layers"]
+    layer_marginal: Tensor  # [n_layers]
     """P(L): the mean over active latents of P(L | J)."""
     var_layer: float
     """Var(L)."""
@@ -86,7 +86,7 @@ class LayerDistributionResult:
     """Eq. 11: E[Var(L|J)] / Var(L)."""
     token_ratio: float
     """Eq. 12: E[Var(L|J,T)] / E[Var(L|J)]."""
-    active_token_counts: Int[Tensor, " n_latents"]
+    active_token_counts: Tensor  # [n_latents]
     """Number of valid tokens where each latent is active at some layer."""
     n_active_latents: int
     n_dead_latents: int
@@ -174,16 +174,18 @@ class LayerDistributionStats:
                 f"n_layers={n_layers}, n_latents={n_latents}: pass the MLSAE's sizes."
             )
         if weighting not in WEIGHTINGS:
-            raise MLSAEError(f"Unknown weighting {weighting!r}: use one of {', '.join(WEIGHTINGS)}.")
+            raise MLSAEError(
+                f"Unknown weighting {weighting!r}: use one of {', '.join(WEIGHTINGS)}."
+            )
         self.n_layers = n_layers
         self.n_latents = n_latents
         self.weighting: Weighting = weighting
         self.device = torch.device(device)
-        f64 = dict(dtype=torch.float64, device=self.device)
-        self.sum_p = torch.zeros(n_latents, n_layers, **f64)
-        self.sum_expected_sq = torch.zeros(n_latents, **f64)
-        self.sum_var = torch.zeros(n_latents, **f64)
-        self.weight_sum = torch.zeros(n_latents, **f64)
+        zeros = functools.partial(torch.zeros, dtype=torch.float64, device=self.device)
+        self.sum_p = zeros(n_latents, n_layers)
+        self.sum_expected_sq = zeros(n_latents)
+        self.sum_var = zeros(n_latents)
+        self.weight_sum = zeros(n_latents)
         self.active_token_counts = torch.zeros(n_latents, dtype=torch.int64, device=self.device)
         self.n_tokens = 0
 
@@ -191,10 +193,15 @@ class LayerDistributionStats:
 
     def update(
         self,
-        latent_acts: Float[Tensor, "tokens n_layers n_latents"],
-        mask: Bool[Tensor, " tokens"] | None = None,
+        latent_acts: Tensor,
+        mask: Tensor | None = None,
     ) -> None:
-        """Add a batch of dense latent activations (zeros mean inactive)."""
+        """Add a batch of dense latent activations.
+
+        Args:
+            latent_acts: ``[tokens, n_layers, n_latents]``, >= 0; zeros mean inactive.
+            mask: ``[tokens]`` bool, False for tokens to skip (e.g. special tokens).
+        """
         if latent_acts.ndim != 3 or latent_acts.shape[1:] != (self.n_layers, self.n_latents):
             raise MLSAEError(
                 f"latent_acts has shape {tuple(latent_acts.shape)}; expected "
@@ -207,27 +214,30 @@ class LayerDistributionStats:
 
     def update_sparse(
         self,
-        indices: Int[Tensor, "tokens n_layers k"],
-        values: Float[Tensor, "tokens n_layers k"],
-        mask: Bool[Tensor, " tokens"] | None = None,
+        indices: Tensor,
+        values: Tensor,
+        mask: Tensor | None = None,
     ) -> None:
         """Add a batch of top-k SAE outputs without ever building a dense tensor.
 
         Cost is ``O(tokens * n_layers * k)`` (one sort of the active (token, latent) keys plus
         a few ``index_add_``), independent of ``n_latents``. Zero values mean inactive; a latent
         index must not repeat within one (token, layer) row (true of top-k).
+
+        Args:
+            indices: ``[tokens, n_layers, k]`` integer latent indices.
+            values: ``[tokens, n_layers, k]`` post-ReLU activations, >= 0.
+            mask: ``[tokens]`` bool, False for tokens to skip (e.g. special tokens).
         """
-        if (
-            indices.ndim != 3
-            or indices.shape != values.shape
-            or indices.shape[1] != self.n_layers
-        ):
+        if indices.ndim != 3 or indices.shape != values.shape or indices.shape[1] != self.n_layers:
             raise MLSAEError(
                 f"indices {tuple(indices.shape)} and values {tuple(values.shape)} must both be "
                 f"[tokens, {self.n_layers}, k]: pass the SAE's top-k output for every layer."
             )
         if indices.dtype.is_floating_point:
-            raise MLSAEError("indices must be an integer tensor: pass the top-k indices, not values.")
+            raise MLSAEError(
+                "indices must be an integer tensor: pass the top-k indices, not values."
+            )
         idx = indices.to(self.device, torch.int64)
         vals = values.to(self.device)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n_latents):
@@ -252,7 +262,8 @@ class LayerDistributionStats:
             return keep
         if mask.shape != (acts.shape[0],):
             raise MLSAEError(
-                f"mask has shape {tuple(mask.shape)}; expected [{acts.shape[0]}], one bool per token."
+                f"mask has shape {tuple(mask.shape)}; expected [{acts.shape[0]}], "
+                "one bool per token."
             )
         mask = mask.to(self.device, torch.bool)
         self.n_tokens += int(mask.sum())
@@ -380,7 +391,7 @@ class LayerDistributionStats:
             layer_marginal=marginal,
             var_layer=var_layer,
             mean_var_given_latent=mean_var_given_latent,
-            var_expected_layer=_item(expected[active].var(correction=0)),
+            var_expected_layer=_item((expected[active] - mean_layer).square().mean()),
             mean_var_given_latent_token=mean_var_token,
             mean_var_token_expected_layer=_item(var_token_expected[active].mean()),
             latent_ratio=_ratio(mean_var_given_latent, var_layer),
@@ -396,14 +407,15 @@ _TENSORS = ("sum_p", "sum_expected_sq", "sum_var", "weight_sum", "active_token_c
 
 
 def variance_ratios(
-    latent_acts: Float[Tensor, "tokens n_layers n_latents"],
-    mask: Bool[Tensor, " tokens"] | None = None,
+    latent_acts: Tensor,
+    mask: Tensor | None = None,
     weighting: Weighting = "uniform_tokens",
 ) -> LayerDistributionResult:
-    """One-shot :class:`LayerDistributionStats` over a dense tensor of latent activations."""
+    """One-shot :class:`LayerDistributionStats` over dense ``[tokens, n_layers, n_latents]``."""
     if latent_acts.ndim != 3:
         raise MLSAEError(
-            f"latent_acts has shape {tuple(latent_acts.shape)}; expected [tokens, n_layers, n_latents]."
+            f"latent_acts has shape {tuple(latent_acts.shape)}; "
+            "expected [tokens, n_layers, n_latents]."
         )
     _, n_layers, n_latents = latent_acts.shape
     stats = LayerDistributionStats(n_layers, n_latents, latent_acts.device, weighting)
@@ -417,8 +429,9 @@ def reference_per_batch_ratios(
 ) -> dict[str, Any]:
     """Eq. 11-12 ratios as the published reference code estimates them, for comparison.
 
-    This is the most literal reading of what the reference (tim-lawson/mlsae) does; use it only
-    to compare with published figures. For each batch (theirs hold 2048 tokens, special tokens
+    This is the most literal reading of a description of what the reference (tim-lawson/mlsae)
+    does, not checked line by line against its source; use it only to compare with published
+    figures. For each batch (theirs hold 2048 tokens, special tokens
     included) with ``N`` tokens and ``J`` latents:
 
     * ``p_tj(l)`` is Eq. 10 for active (token, latent) pairs and 0 for inactive ones (NaN -> 0);
@@ -447,7 +460,8 @@ def reference_per_batch_ratios(
         if isinstance(batch, Tensor):
             if batch.ndim != 3:
                 raise MLSAEError(
-                    f"A batch has shape {tuple(batch.shape)}; expected [tokens, n_layers, n_latents]."
+                    f"A batch has shape {tuple(batch.shape)}; "
+                    "expected [tokens, n_layers, n_latents]."
                 )
             stats = LayerDistributionStats(batch.shape[1], batch.shape[2], batch.device)
             stats.update(batch)
@@ -456,7 +470,7 @@ def reference_per_batch_ratios(
             if n_latents is None:
                 raise MLSAEError(
                     "reference_per_batch_ratios got top-k (indices, values) batches without "
-                    "n_latents: pass n_latents=d_sae (every latent counts in the reference's means)."
+                    "n_latents: pass n_latents=d_sae (the reference averages over every latent)."
                 )
             stats = LayerDistributionStats(indices.shape[1], n_latents, indices.device)
             stats.update_sparse(indices, values)

@@ -1,0 +1,222 @@
+"""MultiLayerSAE math, SAELens integration and file round trips."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from sae_lens import SAE, TrainingSAE
+from sae_lens.saes.sae import TrainStepInput
+
+from mlsae_lens import (
+    MLSAEError,
+    MultiLayerSAE,
+    MultiLayerSAEConfig,
+    MultiLayerTrainingSAE,
+    MultiLayerTrainingSAEConfig,
+)
+from mlsae_lens.normalization import NORMALIZATION_MODES, denormalize, normalize
+from mlsae_lens.pipeline import load_sae
+from mlsae_lens.sae import decode_topk_rows, geometric_median, scatter_topk
+
+D_IN, D_SAE, K, N_LAYERS = 12, 48, 4, 3
+
+
+def make_training_sae(normalization: str = "standardize", **kwargs) -> MultiLayerTrainingSAE:
+    cfg = MultiLayerTrainingSAEConfig(
+        d_in=D_IN, d_sae=D_SAE, k=K, n_layers=N_LAYERS, normalization=normalization, **kwargs
+    )
+    sae = MultiLayerTrainingSAE(cfg)
+    sae.layer_means.copy_(torch.randn(N_LAYERS, D_IN))
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_dec.normal_()
+    return sae
+
+
+def step_input(x: torch.Tensor, dead: torch.Tensor | None = None) -> TrainStepInput:
+    return TrainStepInput(
+        sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False
+    )
+
+
+@pytest.mark.parametrize("mode", NORMALIZATION_MODES)
+def test_normalize_then_denormalize_is_identity(mode: str) -> None:
+    x = torch.randn(7, N_LAYERS, D_IN) * 5 + 3
+    x_norm, stats = normalize(x, mode, torch.randn(N_LAYERS, D_IN))
+    torch.testing.assert_close(denormalize(x_norm, stats), x, rtol=1e-5, atol=1e-5)
+
+
+def test_standardize_gives_zero_mean_unit_std_per_vector() -> None:
+    x = torch.randn(5, N_LAYERS, D_IN) * 10 + 4
+    x_norm, _ = normalize(x, "standardize")
+    torch.testing.assert_close(x_norm.mean(-1), torch.zeros(5, N_LAYERS), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x_norm.std(-1), torch.ones(5, N_LAYERS), atol=1e-4, rtol=0)
+
+
+def test_center_subtracts_each_layers_own_mean() -> None:
+    means = torch.randn(N_LAYERS, D_IN)
+    x = means.expand(4, N_LAYERS, D_IN).clone()
+    x_norm, _ = normalize(x, "center", means)
+    assert x_norm.abs().max() == 0
+
+
+def test_standardize_mode_code_is_invariant_to_per_vector_affine_rescaling() -> None:
+    sae = make_training_sae("standardize")
+    x = torch.randn(6, N_LAYERS, D_IN)
+    a, b = sae.encode_topk(x), sae.encode_topk(3.0 * x + 2.0)
+    torch.testing.assert_close(a.values, b.values, rtol=1e-4, atol=1e-4)
+    assert torch.equal(a.indices, b.indices)
+
+
+@pytest.mark.parametrize("mode", NORMALIZATION_MODES)
+def test_reconstruction_is_in_the_residual_streams_own_scale(mode: str) -> None:
+    """decode(encode(x)) == denormalize(sparse decode): dense SAELens API = sparse path."""
+    sae = make_training_sae(mode)
+    x = torch.randn(5, N_LAYERS, D_IN) * 4 + 1
+    torch.testing.assert_close(sae.decode(sae.encode(x)), sae.reconstruct(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_decode_equals_dense_matmul() -> None:
+    sae = make_training_sae()
+    out = sae.encode_topk(torch.randn(9, N_LAYERS, D_IN))
+    dense = scatter_topk(out, D_SAE) @ sae.W_dec
+    torch.testing.assert_close(decode_topk_rows(out.values, out.indices, sae.W_dec), dense)
+
+
+def test_topk_keeps_exactly_k_nonnegative_latents_per_vector() -> None:
+    sae = make_training_sae()
+    acts = sae.encode(torch.randn(8, N_LAYERS, D_IN))
+    assert acts.shape == (8, N_LAYERS, D_SAE)
+    assert ((acts != 0).sum(-1) <= K).all()
+    assert (acts >= 0).all()
+
+
+def test_wrong_activation_shape_names_the_expected_shape() -> None:
+    sae = make_training_sae()
+    with pytest.raises(MLSAEError, match=r"n_layers=3, d_in=12"):
+        sae.encode_topk(torch.randn(4, N_LAYERS + 1, D_IN))
+
+
+@pytest.mark.parametrize(
+    ("k", "d_sae", "n_layers", "match"),
+    [(0, 48, 3, "0 < k < d_sae"), (48, 48, 3, "0 < k < d_sae"), (-1, 48, 3, "0 < k"),
+     (4, 0, 3, "d_sae must be positive"), (4, 48, 0, "n_layers must be positive")],
+)
+def test_impossible_sizes_are_refused_with_the_fix(k: int, d_sae: int, n_layers: int, match: str) -> None:
+    with pytest.raises(MLSAEError, match=match):
+        MultiLayerSAEConfig(d_in=D_IN, d_sae=d_sae, k=k, n_layers=n_layers)
+
+
+def test_per_layer_fvu_loss_matches_a_manual_computation() -> None:
+    sae = make_training_sae("none")
+    x = torch.randn(16, N_LAYERS, D_IN)
+    out = sae.training_forward_pass(step_input(x))
+    recon = sae.reconstruct(x)
+    manual = torch.stack(
+        [((recon[:, l] - x[:, l]) ** 2).sum() / ((x[:, l] - x[:, l].mean(0)) ** 2).sum() for l in range(N_LAYERS)]
+    )
+    torch.testing.assert_close(out.layer_fvu, manual, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.loss, manual.mean(), rtol=1e-4, atol=1e-6)  # no dead latents: no AuxK
+
+
+def test_auxk_is_zero_without_dead_latents_and_positive_with_them() -> None:
+    sae = make_training_sae()
+    x = torch.randn(16, N_LAYERS, D_IN)
+    none_dead = sae.training_forward_pass(step_input(x, torch.zeros(D_SAE, dtype=torch.bool)))
+    assert none_dead.losses["auxiliary_reconstruction_loss"] == 0
+    some_dead = sae.training_forward_pass(step_input(x, torch.arange(D_SAE) < 10))
+    assert some_dead.losses["auxiliary_reconstruction_loss"] > 0
+
+
+def test_auxk_gradient_reaches_only_dead_latents_encoder_columns() -> None:
+    sae = make_training_sae("none", aux_k=3)
+    x = torch.randn(16, N_LAYERS, D_IN)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[[5, 17, 30, 41]] = True
+    out = sae.training_forward_pass(step_input(x, dead))
+    out.losses["auxiliary_reconstruction_loss"].backward()
+    touched = sae.W_enc.grad.abs().sum(0) > 0
+    assert touched.any()
+    assert not touched[~dead].any()
+
+
+def test_auxk_matches_a_manual_computation_on_a_constructed_case() -> None:
+    sae = make_training_sae("none", aux_k=2)
+    x = torch.randn(10, N_LAYERS, D_IN)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[[1, 2, 3]] = True
+    out = sae.training_forward_pass(step_input(x, dead))
+    error = (sae.reconstruct(x) - x).detach()
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    masked = pre.masked_fill(~dead, -torch.inf)
+    top = masked.topk(2, dim=-1)
+    aux = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu()) @ sae.W_dec
+    var = ((x - x.mean(0)) ** 2).sum(dim=(0, 2))
+    expected = (((aux - error) ** 2).sum(dim=(0, 2)) / var).mean() * min(3 / 2, 1.0)
+    torch.testing.assert_close(out.losses["auxiliary_reconstruction_loss"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_decoder_rows_unit_norm_and_gradient_has_no_radial_component() -> None:
+    sae = make_training_sae()
+    torch.testing.assert_close(sae.W_dec.norm(dim=-1), torch.ones(D_SAE))
+    out = sae.training_forward_pass(step_input(torch.randn(16, N_LAYERS, D_IN)))
+    out.loss.backward()
+    sae.remove_gradient_parallel_to_decoder_directions()
+    radial = (sae.W_dec.grad * sae.W_dec).sum(-1)
+    assert radial.abs().max() < 1e-6
+
+
+def test_geometric_median_minimises_sum_of_distances_and_resists_outliers() -> None:
+    torch.manual_seed(0)
+    points = torch.randn(50, 3)
+    points[0] = 1000.0
+    median = geometric_median(points)
+    cost = lambda m: (points - m).norm(dim=-1).sum()  # noqa: E731
+    for _ in range(20):
+        assert cost(median) <= cost(median + 0.01 * torch.randn(3)) + 1e-3
+    assert median.norm() < 1.0  # the mean is pulled to ~20 by the outlier
+
+
+def test_save_then_sae_lens_load_from_disk_round_trips_bitwise(tmp_path: Path) -> None:
+    sae = make_training_sae("center")
+    sae.save_inference_model(tmp_path)
+    loaded = SAE.load_from_disk(tmp_path)
+    assert isinstance(loaded, MultiLayerSAE)
+    assert loaded.cfg.n_layers == N_LAYERS and loaded.cfg.k == K and loaded.cfg.normalization == "center"
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    x = torch.randn(4, N_LAYERS, D_IN)
+    assert torch.equal(loaded(x), sae(x))
+    again = TrainingSAE.load_from_disk(tmp_path)
+    assert isinstance(again, MultiLayerTrainingSAE)
+
+
+def test_files_are_sae_lens_format(tmp_path: Path) -> None:
+    make_training_sae().save_inference_model(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["architecture"] == "multilayer_topk"
+    assert {"d_in", "d_sae", "k", "n_layers", "normalization"} <= cfg.keys()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+
+
+def test_truncated_weights_give_one_clear_error(tmp_path: Path) -> None:
+    make_training_sae().save_inference_model(tmp_path)
+    weights = tmp_path / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(MLSAEError, match="truncated or corrupted"):
+        load_sae(tmp_path)
+
+
+def test_cfg_of_another_architecture_is_refused_by_name(tmp_path: Path) -> None:
+    make_training_sae().save_inference_model(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg["architecture"] = "topk"
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(MLSAEError, match="architecture 'topk', not an MLSAE"):
+        load_sae(tmp_path)
+
+
+def test_missing_sae_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(MLSAEError, match="holds no SAE"):
+        load_sae(tmp_path)
