@@ -81,6 +81,69 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from mlsae_lens.analyze import AnalysisOptions, analyze_run
+    from mlsae_lens.training import resolve_device
+
+    options = AnalysisOptions(
+        tokens=args.tokens,
+        prompt=args.prompt,
+        batch_size=args.batch_size,
+        weighting=args.weighting,
+        centered_tokens=args.centered_tokens,
+        save_every_tokens=args.save_every_tokens,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    analyze_run(Path(args.run_dir), options, device=resolve_device(args.device))
+    print(f"report: {Path(args.run_dir) / 'report.html'}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from mlsae_lens.analyze import compare_runs
+
+    print(f"report: {compare_runs(args.runs, args.output)}")
+
+
+def add_analyze_parsers(sub: Any) -> None:
+    from mlsae_lens.analysis.layer_stats import WEIGHTINGS
+    from mlsae_lens.analyze import DEFAULT_PROMPT, AnalysisOptions
+
+    defaults = AnalysisOptions()
+    analyze = sub.add_parser(
+        "analyze", help="latent distributions over layers and residual-stream norms on the test split",
+        description="Stream a run's held-out test split through the model and its MLSAE: P(L|J), the "
+        "Eq. 11/12 variance ratios, residual norms and adjacent-layer cosines (raw and centered; the "
+        "centered pass re-reads the same tokens), a single-prompt heatmap. Writes stats.safetensors "
+        "(saved periodically; --resume continues), metrics.json and report.html into RUN_DIR.")
+    analyze.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output-dir")
+    analyze.add_argument("--tokens", type=int_with_underscores, default=defaults.tokens,
+                         help="valid test tokens to analyse, capped at the test split (default: %(default)s)")
+    analyze.add_argument("--prompt", default=DEFAULT_PROMPT,
+                         help="prompt of the single-prompt heatmap (default: %(default)r)")
+    analyze.add_argument("--batch-size", type=int_with_underscores, default=None,
+                         help="contexts per model forward pass (default: the run's --model-batch-size)")
+    analyze.add_argument("--weighting", choices=list(WEIGHTINGS), default=defaults.weighting,
+                         help="P(T|J): uniform over active tokens (the paper) or by activation mass "
+                         "(the reference heatmaps) (default: %(default)s)")
+    analyze.add_argument("--centered-tokens", type=int_with_underscores, default=None,
+                         help="tokens of the centered second pass (default: all of the first pass)")
+    analyze.add_argument("--save-every-tokens", type=int_with_underscores, default=defaults.save_every_tokens,
+                         help="save stats.safetensors every N tokens (default: %(default)s)")
+    analyze.add_argument("--resume", action="store_true", help="continue a partial analysis in RUN_DIR")
+    analyze.add_argument("--overwrite", action="store_true", help="discard a partial analysis and start over")
+    analyze.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
+    analyze.set_defaults(func=cmd_analyze)
+
+    compare = sub.add_parser(
+        "compare", help="Eq. 11/12 bars and norm profiles of several analysed runs",
+        description="Draw the variance ratios (paper Fig. 5) and residual norm profiles of runs that "
+        "`mlsae-lens analyze` has processed into one HTML file.")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="analysed run directories")
+    compare.add_argument("--output", required=True, metavar="FILE.html", help="where to write the HTML")
+    compare.set_defaults(func=cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlsae-lens",
@@ -102,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--eval-tokens", type=int_with_underscores, default=4096,
                       help="held-out tokens for the evaluation (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
+    add_analyze_parsers(sub)
     return parser
 
 

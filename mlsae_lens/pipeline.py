@@ -17,8 +17,8 @@ from mlsae_lens.checkpoint import atomic_write_json
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.evals import ReconstructionResult, evaluate_reconstruction
-from mlsae_lens.figures import per_layer_fvu_figure, training_curve_figure
-from mlsae_lens.report import ReportSection, write_report
+from mlsae_lens.figures import per_layer_fvu_figure
+from mlsae_lens.report import ReportSection
 from mlsae_lens.sae import MultiLayerSAE
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,12 @@ def reconstruction_section(result: ReconstructionResult, n_layers: int, k: int) 
 
 
 def run_demo(cfg: MultiLayerRunnerConfig, eval_tokens: int = 4096) -> Path:
-    """Train on the embedded model and corpus, evaluate, and write ``report.html``."""
+    """Train on the embedded model and corpus, evaluate, analyse, and write ``report.html``.
+
+    The analysis reads ``eval_tokens`` test tokens too; the report is drawn from the files the
+    steps saved (``build_run_report``), so ``mlsae-lens analyze`` can redraw it later.
+    """
+    from mlsae_lens.analyze import AnalysisOptions, analyze_run, build_run_report
     from mlsae_lens.data import special_token_mask
     from mlsae_lens.training import MultiLayerSAETrainingRunner
 
@@ -133,21 +138,12 @@ def run_demo(cfg: MultiLayerRunnerConfig, eval_tokens: int = 4096) -> Path:
         "test FVU (mean over %d layers): MLSAE %.4f vs PCA rank-%d %.4f",
         sae.cfg.n_layers, metrics["mean_fvu"], sae.cfg.k, metrics.get("pca_mean_fvu", float("nan")),
     )
-    sections = [
-        ReportSection(
-            title="Run",
-            table={
-                "model": cfg.model_name,
-                "layers": sae.cfg.n_layers,
-                "d_in": sae.cfg.d_in,
-                "d_sae": sae.cfg.d_sae,
-                "k": sae.cfg.k,
-                "normalization": sae.cfg.normalization,
-                "training tokens": runner.state.tokens,
-                "corpus": runner.splits.provenance,
-            },
-        ),
-        ReportSection(title="Training", figures=[training_curve_figure(runner.state.log)]),
-        reconstruction_section(result, sae.cfg.n_layers, sae.cfg.k),
-    ]
-    return write_report(runner.out / "report.html", f"MLSAE demo — {cfg.model_name}", sections)
+    analyze_run(
+        runner.out,
+        AnalysisOptions(tokens=eval_tokens, batch_size=cfg.model_batch_size, overwrite=True),
+        model=runner.model,
+        splits=runner.splits,
+        device=runner.device,
+        report=False,
+    )
+    return build_run_report(runner.out)
