@@ -23,6 +23,7 @@ from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepO
 from torch import Tensor, nn
 from typing_extensions import override
 
+from mlsae_lens import sparse_ops
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.normalization import (
     NORMALIZATION_MODES,
@@ -183,9 +184,22 @@ class MultiLayerMixin:
     def normalize_input(self, x: Tensor) -> tuple[Tensor, NormStats]:
         return normalize(x.to(self.dtype), self.cfg.normalization, self.layer_means)
 
+    dense: bool = False
+    """Reference switch: train through plain autograd (dense backward through ``topk``) instead
+    of the sparse ops of :mod:`mlsae_lens.sparse_ops`. Same values and gradients, slower."""
+    matmul_dtype: torch.dtype | None = None
+    """Dtype of the one dense matmul (e.g. ``torch.bfloat16`` on GPU); ``None``: the SAE's dtype."""
+
     def encode_normalized(self, x_norm: Tensor) -> tuple[TopKOutput, Tensor]:
-        """TopK code of already-normalized vectors; also returns the dense pre-activations."""
-        hidden_pre = self.hook_sae_acts_pre((x_norm - self.b_dec) @ self.W_enc + self.b_enc)
+        """TopK code of already-normalized vectors; also returns the dense pre-activations.
+
+        This is the dense path (SAELens' ``encode_with_hidden_pre`` needs ``hidden_pre``, and
+        under ``torch.inference_mode`` nothing is saved anyway); training uses
+        :func:`mlsae_lens.sparse_ops.topk_encode`, which never keeps ``hidden_pre``.
+        """
+        flat = (x_norm - self.b_dec).reshape(-1, x_norm.shape[-1])
+        pre = sparse_ops.pre_activations(flat, self.W_enc, self.b_enc, self.matmul_dtype)
+        hidden_pre = self.hook_sae_acts_pre(pre.to(self.dtype).reshape(*x_norm.shape[:-1], -1))
         top = hidden_pre.topk(self.cfg.k, dim=-1, sorted=False)
         return TopKOutput(values=top.values.relu(), indices=top.indices), hidden_pre
 
@@ -356,21 +370,60 @@ class MultiLayerTrainingSAE(MultiLayerMixin, TrainingSAE[MultiLayerTrainingSAECo
 
     @override
     def training_forward_pass(self, step_input: TrainStepInput) -> MultiLayerTrainStepOutput:
-        out = self.encode_full(step_input.sae_in)
-        x_norm = out.sae_in_normalized
-        recon = self.decode_topk_normalized(out.topk)
+        """Per-layer FVU + AuxK with a sparse backward (see :mod:`mlsae_lens.sparse_ops`).
+
+        The dense pre-activations are never kept: ``hidden_pre`` in the output is an empty
+        placeholder (the sparse code is in ``topk`` and ``feature_acts``).
+        """
+        sae_in = step_input.sae_in
+        self.check_input(sae_in)
+        x_norm, norm_stats = self.normalize_input(self.hook_sae_input(sae_in))
+        d_in, k = self.cfg.d_in, self.cfg.k
+        flat = x_norm.reshape(-1, d_in)
+        dead_mask = step_input.dead_neuron_mask
+        n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+        encode = sparse_ops.dense_topk_encode if self.dense else sparse_ops.topk_encode
+        code = encode(
+            flat,
+            self.b_dec,
+            self.W_enc,
+            self.b_enc,
+            k,
+            dead_mask if n_dead else None,
+            self.cfg.effective_aux_k,
+            self.matmul_dtype,
+        )
+        codes = [(code.values, code.indices)]
+        aux_recon = None
+        if code.aux_values is not None and code.aux_indices is not None:
+            assert dead_mask is not None
+            if self.dense:
+                codes.append((code.aux_values, code.aux_indices))
+            elif sparse_ops.aux_is_dense(n_dead, code.aux_indices.shape[-1]):
+                aux_recon = sparse_ops.decode_dead(code.aux_values, code.aux_indices, dead_mask, self.W_dec)
+            else:  # many dead latents: one sparse decode (and one W_dec gradient) for both codes
+                codes.append((code.aux_values, code.aux_indices))
+        decode = sparse_ops.dense_decode if self.dense else sparse_ops.sparse_decode
+        decoded = decode(codes, self.W_dec)
+        if len(decoded) > 1:
+            aux_recon = decoded[1]
+        recon = self.hook_sae_recons(decoded[0].reshape(x_norm.shape) + self.b_dec)
         layer_var = per_layer_total_variance(x_norm)
         error = recon - x_norm
         layer_fvu = error.pow(2).sum(dim=-1).sum(dim=0) / layer_var
         fvu = layer_fvu.mean()
-        auxk = self.auxk_loss(error.detach(), out.hidden_pre, layer_var, step_input.dead_neuron_mask)
+        if aux_recon is not None:
+            auxk = self.auxk_fvu(error.detach(), aux_recon.reshape(x_norm.shape), layer_var, n_dead)
+        else:
+            auxk = fvu.new_zeros(())
         loss = fvu + self.cfg.aux_coefficient * auxk
-        values, indices = out.topk
-        n_vectors = values.shape[0] * values.shape[1]
+        lead = x_norm.shape[:-1]
+        values, indices = code.values.reshape(*lead, k), code.indices.reshape(*lead, k)
+        n_vectors = flat.shape[0]
         feature_acts = torch.sparse_coo_tensor(
             torch.stack(
                 [
-                    torch.arange(n_vectors, device=values.device).repeat_interleave(self.cfg.k),
+                    torch.arange(n_vectors, device=values.device).repeat_interleave(k),
                     indices.reshape(-1),
                 ]
             ),
@@ -378,17 +431,16 @@ class MultiLayerTrainingSAE(MultiLayerMixin, TrainingSAE[MultiLayerTrainingSAECo
             (n_vectors, self.cfg.d_sae),
             check_invariants=False,
         )
-        result = MultiLayerTrainStepOutput(
-            sae_in=step_input.sae_in,
-            sae_out=denormalize(recon, out.norm_stats),
+        return MultiLayerTrainStepOutput(
+            sae_in=sae_in,
+            sae_out=denormalize(recon, norm_stats),
             feature_acts=feature_acts,
-            hidden_pre=out.hidden_pre,
+            hidden_pre=x_norm.new_empty(0),
             loss=loss,
             losses={"mse_loss": fvu, "auxiliary_reconstruction_loss": auxk},
-            topk=out.topk,
+            topk=TopKOutput(values=values, indices=indices),
             layer_fvu=layer_fvu.detach(),
         )
-        return result
 
     def auxk_loss(
         self,
@@ -401,17 +453,23 @@ class MultiLayerTrainingSAE(MultiLayerMixin, TrainingSAE[MultiLayerTrainingSAECo
         the main reconstruction's error; its FVU, scaled down when few latents are dead.
 
         ``error`` is the main error in the normalized space, the same space the auxiliary
-        decode lives in (the reference code mixed raw and standardized spaces here).
+        decode lives in (the reference code mixed raw and standardized spaces here). This
+        form takes dense pre-activations; training selects the dead latents inside
+        :func:`mlsae_lens.sparse_ops.topk_encode` and calls :meth:`auxk_fvu` directly.
         """
         if dead_mask is None or not bool(dead_mask.any()):
             return hidden_pre.new_zeros(())
         n_dead = int(dead_mask.sum())
         aux_k = min(self.cfg.effective_aux_k, n_dead)
-        # Heuristic from sparsify: fewer dead latents than aux_k lowers the loss's weight.
-        scale = min(n_dead / self.cfg.effective_aux_k, 1.0)
         dead_pre = hidden_pre.masked_fill(~dead_mask, -torch.inf)
         top = dead_pre.topk(aux_k, dim=-1, sorted=False)
         aux_recon = decode_topk_rows(top.values.relu(), top.indices, self.W_dec)
+        return self.auxk_fvu(error, aux_recon, layer_var, n_dead)
+
+    def auxk_fvu(self, error: Tensor, aux_recon: Tensor, layer_var: Tensor, n_dead: int) -> Tensor:
+        """FVU of the dead latents' reconstruction ``aux_recon`` of ``error``, per layer, averaged."""
+        # Heuristic from sparsify: fewer dead latents than aux_k lowers the loss's weight.
+        scale = min(n_dead / self.cfg.effective_aux_k, 1.0)
         aux_fvu = (aux_recon - error).pow(2).sum(dim=-1).sum(dim=0) / layer_var
         return scale * aux_fvu.mean()
 

@@ -1,0 +1,337 @@
+"""Sparse TopK SAE training ops: everything but the encoder's forward matmul is O(vectors·k·d_in).
+
+In a TopK SAE only ``pre = x @ W_enc + b_enc`` is inherently dense. Autograd through
+``topk`` would scatter the gradient into a dense ``[N, d_sae]`` tensor and run a second dense
+matmul ``x.T @ grad`` (as costly as the forward), and it keeps ``pre`` alive for backward.
+:class:`SparseTopKEncode` instead selects the top-k (and, for AuxK, the top-``aux_k`` dead)
+latents from ``pre``, frees it, and computes every gradient from the selected entries alone:
+
+* ``grad_W_enc = x.T @ G`` with ``G`` the ``[N, d_sae]`` sparse gradient (``torch.sparse.mm``);
+* ``grad_b_enc = Σ_n G[n]`` (``index_add_``);
+* ``grad_b_dec = -W_enc @ grad_b_enc`` (the pre-encoder bias is subtracted from every ``x``);
+* ``grad_x = G @ W_enc.T`` (``embedding_bag``), only when ``x`` itself needs a gradient.
+
+:class:`SparseDecode` does the same for the decoder: rows of ``W_dec`` weighted by the code
+(``embedding_bag``) forward, ``torch.sparse.mm`` for ``grad_W_dec`` and a per-entry dot product
+for the code's gradient.
+
+AuxK selects ``aux_k`` (``d_in // 2`` by default, often 9x ``k``) latents among the few dead
+ones, so its code is dense within the dead columns: with at most ``AUX_DENSE_MAX_RATIO`` dead
+latents per selected one it goes through small GEMMs over those columns (:func:`decode_dead`),
+which on CPU beat gathers by far; otherwise it joins the sparse path.
+
+:func:`dense_topk_encode` and :func:`dense_decode` are plain-autograd references with the same
+signatures; tests check that both paths agree on values, losses and every gradient.
+"""
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+
+AUX_DENSE_MAX_RATIO = 16
+"""AuxK entries go through a dense matmul over the dead latents' columns when there are at most
+this many dead latents per selected one: gathers run ~50x slower per multiply-add than a GEMM on
+CPU, and ``aux_k`` (``d_in // 2``) is usually a large share of the few dead latents."""
+
+
+def aux_is_dense(n_dead: int, aux_k: int) -> bool:
+    """Whether the AuxK code is handled as a dense ``[N, n_dead]`` block (see above)."""
+    return n_dead <= AUX_DENSE_MAX_RATIO * aux_k
+
+
+class SparseCode(NamedTuple):
+    """Top-k code of ``[N, d_in]`` vectors, plus the AuxK code when dead latents were given."""
+
+    values: Tensor  # [N, k], post-ReLU
+    indices: Tensor  # [N, k]
+    aux_values: Tensor | None  # [N, aux_k], post-ReLU
+    aux_indices: Tensor | None  # [N, aux_k], indices into d_sae (dead latents only)
+
+
+def _dead_columns(dead_mask: Tensor | None, aux_k: int) -> Tensor | None:
+    if dead_mask is None or aux_k <= 0:
+        return None
+    dead = dead_mask.nonzero().squeeze(1)
+    return dead if dead.numel() else None
+
+
+def pre_activations(centered: Tensor, W_enc: Tensor, b_enc: Tensor, matmul_dtype: torch.dtype | None) -> Tensor:
+    """``centered @ W_enc + b_enc`` in one ``addmm`` (optionally in a low-precision dtype)."""
+    if matmul_dtype is not None and matmul_dtype != W_enc.dtype:
+        return torch.addmm(b_enc.to(matmul_dtype), centered.to(matmul_dtype), W_enc.to(matmul_dtype))
+    return torch.addmm(b_enc, centered, W_enc)
+
+
+def _select(pre: Tensor, k: int, dead: Tensor | None, aux_k: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Top-k (values after ReLU, indices) and, given dead columns, the AuxK top among them
+    (values after ReLU, indices into d_sae, indices into ``dead``)."""
+    top = pre.topk(k, dim=-1, sorted=False)
+    values = top.values.relu()
+    if dead is None:
+        return values, top.indices, None, None, None
+    dead_top = pre.index_select(1, dead).topk(min(aux_k, dead.numel()), dim=-1, sorted=False)
+    return values, top.indices, dead_top.values.relu(), dead[dead_top.indices], dead_top.indices
+
+
+class SparseTopKEncode(torch.autograd.Function):
+    """TopK (+ AuxK selection) encoder whose backward never builds a dense ``[N, d_sae]`` tensor.
+
+    Saves only the centered input, the selected values and their indices; the dense
+    pre-activations are freed as soon as the selections are made.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx,
+        x: Tensor,
+        b_dec: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        k: int,
+        dead: Tensor | None,
+        aux_k: int,
+        matmul_dtype: torch.dtype | None,
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        centered = x - b_dec
+        pre = pre_activations(centered, W_enc, b_enc, matmul_dtype)
+        values, indices, aux_values, aux_indices, aux_local = _select(pre, k, dead, aux_k)
+        del pre
+        values = values.to(W_enc.dtype)
+        aux_values = aux_values.to(W_enc.dtype) if aux_values is not None else None
+        ctx.dense_aux = dead is not None and aux_is_dense(dead.numel(), aux_k)
+        ctx.save_for_backward(centered, W_enc, values, indices, aux_values, aux_indices, dead, aux_local)
+        ctx.mark_non_differentiable(indices, *([aux_indices] if aux_indices is not None else []))
+        ctx.set_materialize_grads(True)
+        return values, indices, aux_values, aux_indices
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_values: Tensor, _gi: Any, grad_aux: Tensor | None, _ga: Any) -> tuple[Tensor | None, ...]:
+        centered, W_enc, values, indices, aux_values, aux_indices, dead, aux_local = ctx.saved_tensors
+        # ReLU after the selection: no gradient where the selected pre-activation was <= 0.
+        g_main = grad_values.masked_fill(values <= 0, 0)
+        g_aux = None
+        if aux_values is not None and grad_aux is not None:
+            g_aux = grad_aux.masked_fill(aux_values <= 0, 0)
+        sparse_g, sparse_idx = [g_main], [indices]
+        if g_aux is not None and not ctx.dense_aux:
+            sparse_g.append(g_aux)
+            sparse_idx.append(aux_indices)
+        g = torch.cat(sparse_g, dim=1) if len(sparse_g) > 1 else g_main
+        index = torch.cat(sparse_idx, dim=1) if len(sparse_idx) > 1 else indices
+        n, width = index.shape
+        d_sae = W_enc.shape[1]
+        flat_index, flat_g = index.reshape(-1), g.reshape(-1).to(W_enc.dtype)
+        need_x, need_b_dec, need_w, need_b_enc = ctx.needs_input_grad[:4]
+
+        grad_b_enc_full = W_enc.new_zeros(d_sae).index_add_(0, flat_index, flat_g)
+        aux_block = None  # [N, n_dead] dense gradient of the dead latents' pre-activations
+        if g_aux is not None and ctx.dense_aux:
+            aux_block = g_aux.new_zeros(n, dead.numel()).scatter_(1, aux_local, g_aux)
+            grad_b_enc_full.index_add_(0, dead, aux_block.sum(0))
+        grad_W_enc = None
+        if need_w:
+            rows = torch.arange(n, device=index.device).repeat_interleave(width)
+            # [d_sae, N] sparse times [N, d_in]; duplicates (main and aux picking the same
+            # latent) are summed by sparse.mm.
+            G_t = torch.sparse_coo_tensor(
+                torch.stack([flat_index, rows]), flat_g, (d_sae, n), check_invariants=False
+            )
+            grad_W_enc_t = torch.sparse.mm(G_t, centered.to(W_enc.dtype))  # [d_sae, d_in]
+            if aux_block is not None:  # rows of the [d_sae, d_in] layout are contiguous
+                _add_rows_(grad_W_enc_t, dead, aux_block.t() @ centered)
+            grad_W_enc = grad_W_enc_t.t()
+        grad_x = None
+        if need_x:
+            grad_x = F.embedding_bag(index, W_enc.t().contiguous(), per_sample_weights=g.to(W_enc.dtype), mode="sum")
+            if aux_block is not None:
+                grad_x = grad_x + aux_block @ W_enc.index_select(1, dead).t()
+        grad_b_dec = -(W_enc @ grad_b_enc_full) if need_b_dec else None
+        return (
+            grad_x,
+            grad_b_dec,
+            grad_W_enc,
+            grad_b_enc_full if need_b_enc else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def topk_encode(
+    x: Tensor,
+    b_dec: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    dead_mask: Tensor | None = None,
+    aux_k: int = 0,
+    matmul_dtype: torch.dtype | None = None,
+) -> SparseCode:
+    """Sparse top-k code of ``[N, d_in]`` vectors with a sparse backward.
+
+    Args:
+        x: normalized input vectors ``[N, d_in]`` (``b_dec`` is subtracted here).
+        b_dec, W_enc, b_enc: the SAE's pre-encoder bias ``[d_in]``, encoder ``[d_in, d_sae]``
+            and encoder bias ``[d_sae]``.
+        k: latents kept per vector.
+        dead_mask: ``[d_sae]`` bool; when it has any True entry and ``aux_k > 0``, also returns
+            the top-``min(aux_k, n_dead)`` pre-activations among dead latents (post-ReLU).
+        matmul_dtype: e.g. ``torch.bfloat16`` to run the one dense matmul in low precision
+            (values and gradients stay in the parameters' dtype).
+    """
+    dead = _dead_columns(dead_mask, aux_k)
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, b_dec, W_enc, b_enc)):
+        with torch.no_grad():
+            pre = pre_activations(x - b_dec, W_enc, b_enc, matmul_dtype)
+            values, indices, aux_values, aux_indices, _ = _select(pre, k, dead, aux_k)
+            return SparseCode(
+                values.to(W_enc.dtype),
+                indices,
+                aux_values.to(W_enc.dtype) if aux_values is not None else None,
+                aux_indices,
+            )
+    return SparseCode(*SparseTopKEncode.apply(x, b_dec, W_enc, b_enc, k, dead, aux_k, matmul_dtype))
+
+
+def dense_topk_encode(
+    x: Tensor,
+    b_dec: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    dead_mask: Tensor | None = None,
+    aux_k: int = 0,
+    matmul_dtype: torch.dtype | None = None,
+) -> SparseCode:
+    """Plain-autograd reference for :func:`topk_encode` (dense backward through ``topk``)."""
+    pre = pre_activations(x - b_dec, W_enc, b_enc, matmul_dtype).to(W_enc.dtype)
+    top = pre.topk(k, dim=-1, sorted=False)
+    if _dead_columns(dead_mask, aux_k) is None:
+        return SparseCode(top.values.relu(), top.indices, None, None)
+    assert dead_mask is not None
+    n_dead = int(dead_mask.sum())
+    aux = pre.masked_fill(~dead_mask, -torch.inf).topk(min(aux_k, n_dead), dim=-1, sorted=False)
+    return SparseCode(top.values.relu(), top.indices, aux.values.relu(), aux.indices)
+
+
+class SparseDecode(torch.autograd.Function):
+    """``Σ_s values[b, s] · W_dec[indices[b, s]]`` for ragged bags, with a sparse backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, flat_indices: Tensor, offsets: Tensor, bag_of_entry: Tensor, flat_values: Tensor, W_dec: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(flat_indices, offsets, bag_of_entry, flat_values, W_dec)
+        return F.embedding_bag(flat_indices, W_dec, offsets, per_sample_weights=flat_values, mode="sum")
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        flat_indices, offsets, bag_of_entry, flat_values, W_dec = ctx.saved_tensors
+        grad_values = grad_W = None
+        if ctx.needs_input_grad[3]:
+            grad_values = _entry_dot(grad_out, W_dec, flat_indices, offsets, bag_of_entry)
+        if ctx.needs_input_grad[4]:
+            G_t = torch.sparse_coo_tensor(
+                torch.stack([flat_indices, bag_of_entry]),
+                flat_values,
+                (W_dec.shape[0], grad_out.shape[0]),
+                check_invariants=False,
+            )
+            grad_W = torch.sparse.mm(G_t, grad_out)
+        return None, None, None, grad_values, grad_W
+
+
+def _entry_dot(grad_out: Tensor, W_dec: Tensor, flat_indices: Tensor, offsets: Tensor, bag_of_entry: Tensor) -> Tensor:
+    """``grad_out[bag(e)] · W_dec[index(e)]`` for every entry ``e``, without gathering rows.
+
+    Uses the kernel of ``embedding_bag``'s own per-sample-weights backward when present.
+    """
+    op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
+    if op is not None and grad_out.device.type == "cpu":
+        return op(grad_out, W_dec, flat_indices, offsets, bag_of_entry, 0, -1)
+    return (W_dec[flat_indices] * grad_out[bag_of_entry]).sum(-1)
+
+
+def _ragged(codes: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor, list[int]]:
+    """Flatten several ``[N_i, k_i]`` codes into one ragged batch of bags."""
+    flat_idx, flat_val, offsets, bag_ids, sizes = [], [], [], [], []
+    n_bags = n_entries = 0
+    for values, indices in codes:
+        n, width = indices.shape
+        flat_idx.append(indices.reshape(-1))
+        flat_val.append(values.reshape(-1))
+        offsets.append(torch.arange(n, device=indices.device) * width + n_entries)
+        bag_ids.append(torch.arange(n, device=indices.device).repeat_interleave(width) + n_bags)
+        sizes.append(n)
+        n_bags += n
+        n_entries += n * width
+    return torch.cat(flat_idx), torch.cat(offsets), torch.cat(bag_ids), torch.cat(flat_val), sizes
+
+
+def sparse_decode(codes: list[tuple[Tensor, Tensor]], W_dec: Tensor) -> list[Tensor]:
+    """Decode several ``(values [N_i, k_i], indices [N_i, k_i])`` codes with one sparse backward.
+
+    Returns ``[N_i, d_in]`` reconstructions (without bias), one per code.
+    """
+    flat_idx, offsets, bag_ids, flat_val, sizes = _ragged(codes)
+    out = SparseDecode.apply(flat_idx, offsets, bag_ids, flat_val.to(W_dec.dtype), W_dec)
+    return list(out.split(sizes))
+
+
+def decode_dead(values: Tensor, indices: Tensor, dead_mask: Tensor, W_dec: Tensor) -> Tensor:
+    """Decode an AuxK code whose indices all lie among the dead latents.
+
+    Per :func:`aux_is_dense`, either as a dense ``[N, n_dead] @ W_dec[dead]`` matmul (few dead
+    latents) or with :func:`sparse_decode` (many). Plain autograd in the dense case.
+    """
+    dead = dead_mask.nonzero().squeeze(1)
+    if not aux_is_dense(dead.numel(), indices.shape[-1]):
+        return sparse_decode([(values, indices)], W_dec)[0]
+    local = torch.searchsorted(dead, indices)
+    block = values.new_zeros(values.shape[0], dead.numel()).scatter(1, local, values)
+    return block.to(W_dec.dtype) @ TakeRows.apply(W_dec, dead)
+
+
+def _add_rows_(target: Tensor, rows: Tensor, update: Tensor) -> None:
+    """``target[rows] += update`` for *unique* ``rows`` (CPU ``index_add_`` takes a slow
+    scatter path; a gather, an add and an ``index_copy_`` do not)."""
+    target.index_copy_(0, rows, target.index_select(0, rows) + update)
+
+
+class TakeRows(torch.autograd.Function):
+    """``weight[rows]`` for unique ``rows`` whose backward copies instead of scatter-adding."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, weight: Tensor, rows: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(rows)
+        ctx.n_rows = weight.shape[0]
+        return weight.index_select(0, rows)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (rows,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.n_rows, grad.shape[1]).index_copy_(0, rows, grad), None
+
+
+def dense_decode(codes: list[tuple[Tensor, Tensor]], W_dec: Tensor) -> list[Tensor]:
+    """Plain-autograd reference for :func:`sparse_decode`: scatter to dense, then matmul."""
+    outs = []
+    for values, indices in codes:
+        dense = values.new_zeros(values.shape[0], W_dec.shape[0]).scatter_add(-1, indices, values)
+        outs.append(dense.to(W_dec.dtype) @ W_dec)
+    return outs
+
+
+def enable_tf32() -> None:
+    """Let CUDA matmuls use TF32 (about 3x faster fp32 GEMMs on Ampere+; no effect on CPU)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
