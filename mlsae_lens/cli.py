@@ -21,7 +21,7 @@ from mlsae_lens.errors import MLSAEError
 
 logger = logging.getLogger("mlsae_lens")
 
-DEMO_DEFAULTS = {"training_tokens": 60_000, "output_dir": None, "lr": 1e-3}
+DEMO_DEFAULTS = {"training_tokens": 16_000, "output_dir": None, "lr": 1e-3}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, overrides: dict[str, Any] | None = None) -> None:
@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="End to end on the embedded model (offline): train, evaluate on the held-out "
                           "split against a rank-k PCA floor, and write report.html.")
     add_config_flags(demo, DEMO_DEFAULTS)
-    demo.add_argument("--eval-tokens", type=int_with_underscores, default=4096,
-                      help="held-out tokens for the evaluation (default: %(default)s)")
+    demo.add_argument("--eval-tokens", type=int_with_underscores, default=2048,
+                      help="held-out tokens for the evaluation and the analysis (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
     add_analyze_parsers(sub)
     return parser
