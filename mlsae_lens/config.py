@@ -122,6 +122,21 @@ class MultiLayerRunnerConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in names})
 
+    def load_token_splits(self, tokenizer: Any) -> Any:
+        """The run's train/test splits: the same call at training and at analysis time, so
+        analysis sees exactly the contexts training held out."""
+        from mlsae_lens.data import load_token_splits
+
+        return load_token_splits(
+            self.dataset,
+            tokenizer=tokenizer,
+            context_size=self.context_size,
+            test_fraction=self.test_fraction,
+            max_tokens=self.max_corpus_tokens,
+            seed=self.seed,
+            text_column=self.text_column,
+        )
+
     @property
     def effective_dead_tokens_threshold(self) -> int:
         if self.dead_tokens_threshold is not None:

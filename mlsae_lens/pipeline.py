@@ -74,7 +74,7 @@ def check_sae_fits_model(sae: MultiLayerSAE, model: HookedTransformer) -> None:
 
 
 def load_run(path: Path, model: HookedTransformer | None = None, device: str = "cpu") -> LoadedRun:
-    from mlsae_lens.data import load_token_splits, special_token_mask
+    from mlsae_lens.data import special_token_mask
     from mlsae_lens.models import load_model
 
     path = Path(path)
@@ -85,15 +85,7 @@ def load_run(path: Path, model: HookedTransformer | None = None, device: str = "
     sae = load_sae(path, device)
     model = model if model is not None else load_model(cfg.model_name, device=device)
     check_sae_fits_model(sae, model)
-    splits = load_token_splits(
-        cfg.dataset,
-        tokenizer=model.tokenizer,
-        context_size=cfg.context_size,
-        test_fraction=cfg.test_fraction,
-        max_tokens=cfg.max_corpus_tokens,
-        seed=cfg.seed,
-        text_column=cfg.text_column,
-    )
+    splits = cfg.load_token_splits(model.tokenizer)
     return LoadedRun(path, cfg, sae, model, splits, special_token_mask(splits.test, model.tokenizer))
 
 

@@ -140,22 +140,14 @@ class MultiLayerSAETrainingRunner:
         model: HookedTransformer | None = None,
         splits: Any = None,
     ):
-        from mlsae_lens.data import load_token_splits, special_token_mask
+        from mlsae_lens.data import special_token_mask
         from mlsae_lens.models import load_model
 
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.out = prepare_output_dir(cfg)
         self.model = model if model is not None else load_model(cfg.model_name, device=self.device)
-        self.splits = splits if splits is not None else load_token_splits(
-            cfg.dataset,
-            tokenizer=self.model.tokenizer,
-            context_size=cfg.context_size,
-            test_fraction=cfg.test_fraction,
-            max_tokens=cfg.max_corpus_tokens,
-            seed=cfg.seed,
-            text_column=cfg.text_column,
-        )
+        self.splits = splits if splits is not None else cfg.load_token_splits(self.model.tokenizer)
         self.special_mask = special_token_mask(self.splits.train, self.model.tokenizer)
         self.stream = ActivationStream(
             self.model,
