@@ -21,7 +21,7 @@ from mlsae_lens.errors import MLSAEError
 
 logger = logging.getLogger("mlsae_lens")
 
-DEMO_DEFAULTS = {"training_tokens": 16_000, "output_dir": None, "lr": 1e-3}
+DEMO_DEFAULTS = {"training_tokens": 40_000, "output_dir": None, "lr": 1e-3}
 
 
 def add_config_flags(parser: argparse.ArgumentParser, overrides: dict[str, Any] | None = None) -> None:

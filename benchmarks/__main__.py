@@ -1,0 +1,253 @@
+"""``python -m benchmarks [--quick|--smoke] [--json]``: measure, print, and (full run) write
+``benchmarks/results.md`` and the scaling plot."""
+
+import argparse
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks import analysis, harvest, train
+from benchmarks.timing import interleaved_medians
+
+HERE = Path(__file__).resolve().parent
+logger = logging.getLogger("benchmarks")
+
+
+@dataclass
+class Sizes:
+    d_in: int = 576
+    k: int = 32
+    vectors: int = 4096
+    ratios: tuple[int, ...] = (8, 64)
+    train_repeats: int = 5
+    saelens_repeats: int = 3
+    embedded_model: bool = True
+    harvest_batch: tuple[int, int] = (4, 256)
+    harvest_model_shape: tuple[int, int] = (30, 576)
+    analysis_tokens: int = 256
+    analysis_layers: int = 30
+    memory_tokens: tuple[int, int] = (10_000, 1_000_000)
+    memory_subprocess: bool = True
+    scaling_ratios: tuple[int, ...] = (8, 16, 32, 64)
+    scaling_ks: tuple[int, ...] = (16, 32, 64, 128)
+    scaling_repeats: int = 3
+    default_adam: bool = True
+    """Also time the step with torch's default (unfused, for-loop) Adam, as the runner uses now."""
+
+
+FULL = Sizes()
+QUICK = Sizes(vectors=2048, ratios=(8,), train_repeats=3, saelens_repeats=2, embedded_model=False,
+              harvest_batch=(1, 32), analysis_tokens=32, memory_tokens=(10_000, 100_000),
+              scaling_ratios=(), scaling_ks=(), default_adam=False)
+SMOKE = Sizes(d_in=64, k=8, vectors=256, ratios=(8,), train_repeats=2, saelens_repeats=2, embedded_model=False,
+              harvest_batch=(1, 16), harvest_model_shape=(2, 64), analysis_tokens=32, analysis_layers=4,
+              memory_tokens=(2_000, 20_000), memory_subprocess=False, scaling_ratios=(), scaling_ks=(),
+              default_adam=False)
+
+
+def bench_train(s: Sizes) -> dict[str, dict[str, float]]:
+    out = {}
+    for r in s.ratios:
+        d_sae = r * s.d_in
+        args = (s.d_in, d_sae, s.k, s.vectors)
+        times = interleaved_medians(
+            {"mlsae": train.mlsae_step(*args), "floor": train.floor_step(*args),
+             "mlsae_no_dead": train.mlsae_step(*args, dead_fraction=0.0)},
+            repeats=s.train_repeats,
+        )
+        times |= interleaved_medians(
+            {"saelens": train.saelens_step(*args), "floor_saelens": train.floor_step(*args)}, repeats=s.saelens_repeats
+        )
+        default_adam = {"mlsae": float("nan"), "floor": 1.0}
+        if s.default_adam:
+            default_adam = interleaved_medians(
+                {"mlsae": train.mlsae_step(*args, fused_adam=False), "floor": train.floor_step(*args)},
+                repeats=max(2, s.train_repeats // 2),
+            )
+        out[f"R{r}"] = {
+            "d_sae": d_sae,
+            "mlsae_s": times["mlsae"],
+            "saelens_s": times["saelens"],
+            "floor_s": times["floor"],
+            "mlsae_vectors_per_s": s.vectors / times["mlsae"],
+            "saelens_vectors_per_s": s.vectors / times["saelens"],
+            "train_vs_saelens": times["saelens"] / times["mlsae"],
+            "train_vs_floor": times["mlsae"] / times["floor"],
+            "saelens_vs_floor": times["saelens"] / times["floor_saelens"],
+            "train_vs_floor_default_adam": default_adam["mlsae"] / default_adam["floor"],
+            "train_vs_floor_no_dead": times["mlsae_no_dead"] / times["floor"],
+        }
+        logger.info("train R=%d: %s", r, out[f"R{r}"])
+    return out
+
+
+def bench_harvest(s: Sizes) -> dict[str, object]:
+    if s.embedded_model:
+        model, which = harvest.load_benchmark_model(True)
+    else:
+        model = harvest.random_smollm2_shaped(*s.harvest_model_shape)
+        which = f"random TransformerLens model of SmolLM2-135M's architecture ({s.harvest_model_shape[0]} layers, d {s.harvest_model_shape[1]})"
+    times = interleaved_medians(harvest.harvest_pair(model, *s.harvest_batch), repeats=s.train_repeats)
+    tokens = s.harvest_batch[0] * s.harvest_batch[1]
+    return {
+        "model": which,
+        "tokens": tokens,
+        "harvest_s": times["harvest"],
+        "forward_blocks_s": times["forward_blocks"],
+        "forward_logits_s": times["forward_logits"],
+        "harvest_vs_forward": times["harvest"] / times["forward_blocks"],
+        "harvest_vs_forward_with_logits": times["harvest"] / times["forward_logits"],
+    }
+
+
+def bench_analysis(s: Sizes) -> dict[str, object]:
+    d_sae = 8 * s.d_in
+    times = interleaved_medians(
+        analysis.analysis_pair(s.d_in, d_sae, s.k, s.analysis_layers, s.analysis_tokens), repeats=s.train_repeats
+    )
+    small, large = s.memory_tokens
+    mem_args = dict(n_layers=4, d_sae=d_sae, k=8, batch=min(4096, small))
+    if s.memory_subprocess:
+        grow_small = analysis.memory_growth(small, **mem_args)
+        grow_large = analysis.memory_growth(large, **mem_args)
+    else:
+        grow_small = analysis.accumulate_synthetic(small, use_maxrss=False, **mem_args)["peak_growth_bytes"]
+        grow_large = analysis.accumulate_synthetic(large, use_maxrss=False, **mem_args)["peak_growth_bytes"]
+    return {
+        "tokens": s.analysis_tokens,
+        "vectors": s.analysis_tokens * s.analysis_layers,
+        "encode_s": times["encode"],
+        "encode_and_update_s": times["encode_and_update"],
+        "analysis_vs_encode": times["encode_and_update"] / times["encode"],
+        "memory_tokens": [small, large],
+        "memory_growth_bytes": [grow_small, grow_large],
+        "analysis_memory_ratio": max(grow_large, 1) / max(grow_small, 1),
+        "memory_setup": {**mem_args, "mode": "fresh process, kernel high-water mark" if s.memory_subprocess else "in-process RSS sampled per batch"},
+    }
+
+
+def bench_scaling(s: Sizes) -> dict[str, list[dict[str, float]]]:
+    rows: dict[str, list[dict[str, float]]] = {"d_sae": [], "k": []}
+    for r in s.scaling_ratios:
+        args = (s.d_in, r * s.d_in, s.k, s.vectors)
+        t = interleaved_medians({"mlsae": train.mlsae_step(*args), "floor": train.floor_step(*args)}, repeats=s.scaling_repeats)
+        rows["d_sae"].append({"R": r, "d_sae": r * s.d_in, "k": s.k, "step_s": t["mlsae"], "floor_s": t["floor"]})
+        logger.info("scaling %s", rows["d_sae"][-1])
+    for k in s.scaling_ks:
+        args = (s.d_in, 8 * s.d_in, k, s.vectors)
+        t = interleaved_medians({"mlsae": train.mlsae_step(*args), "floor": train.floor_step(*args)}, repeats=s.scaling_repeats)
+        rows["k"].append({"R": 8, "d_sae": 8 * s.d_in, "k": k, "step_s": t["mlsae"], "floor_s": t["floor"]})
+        logger.info("scaling %s", rows["k"][-1])
+    return rows
+
+
+def write_plot(rows: dict[str, list[dict[str, float]]], stem: Path) -> list[str]:
+    """Step time and floor against d_sae and k: HTML always, PNG only if kaleido is installed."""
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("step time vs d_sae (k=32)", "step time vs k (R=8)"))
+    for col, (key, x_name) in enumerate((("d_sae", "d_sae"), ("k", "k")), start=1):
+        xs = [row[x_name] for row in rows[key]]
+        fig.add_scatter(x=xs, y=[row["step_s"] for row in rows[key]], name="MLSAE train step", mode="lines+markers",
+                        row=1, col=col, legendgroup="step", showlegend=col == 1, line_color="#1f77b4")
+        fig.add_scatter(x=xs, y=[row["floor_s"] for row in rows[key]], name="floor: encoder matmul + top-k",
+                        mode="lines+markers", row=1, col=col, legendgroup="floor", showlegend=col == 1,
+                        line=dict(color="#7f7f7f", dash="dash"))
+        fig.update_xaxes(title_text=x_name, type="log", row=1, col=col)
+        fig.update_yaxes(title_text="seconds per step", type="log", row=1, col=col)
+    fig.update_layout(title="MLSAE training step against its dense-encoder floor", width=1000, height=450)
+    written = []
+    html = stem.with_suffix(".html")
+    _atomic_write_text(html, fig.to_html(include_plotlyjs="cdn"))
+    written.append(html.name)
+    try:
+        import kaleido  # noqa: F401
+
+        fig.write_image(stem.with_suffix(".png"))
+        written.append(stem.with_suffix(".png").name)
+    except ImportError:
+        logger.info("kaleido is not installed: no PNG")
+    return written
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def machine() -> dict[str, str]:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        model = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), "?")
+    except (OSError, subprocess.CalledProcessError):
+        model = platform.processor() or "?"
+    import sae_lens
+    import transformer_lens
+
+    return {
+        "cpu": model,
+        "cores": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "sae_lens": getattr(sae_lens, "__version__", "?"),
+        "transformer_lens": getattr(transformer_lens, "__version__", "?"),
+    }
+
+
+def summary(results: dict) -> dict[str, float]:
+    first = results["train"][next(iter(results["train"]))]
+    return {
+        "train_vs_saelens": first["train_vs_saelens"],
+        "train_vs_floor": first["train_vs_floor"],
+        "harvest_vs_forward": results["harvest"]["harvest_vs_forward"],
+        "analysis_vs_encode": results["analysis"]["analysis_vs_encode"],
+        "analysis_memory_ratio": results["analysis"]["analysis_memory_ratio"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small sizes, under a minute on 2 cores; writes nothing")
+    size.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite; writes nothing")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (the ratios) on stdout")
+    parser.add_argument("--output", type=Path, default=HERE / "results.md", help="results file of the full run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, format="%(message)s", stream=sys.stderr)
+    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
+    torch.manual_seed(0)
+    results = {
+        "train": bench_train(sizes),
+        "harvest": bench_harvest(sizes),
+        "analysis": bench_analysis(sizes),
+        "sizes": asdict(sizes),
+    }
+    if sizes.scaling_ratios or sizes.scaling_ks:
+        results["scaling"] = bench_scaling(sizes)
+    ratios = summary(results)
+    if not (args.quick or args.smoke):
+        from benchmarks.report import write_results
+
+        plots = write_plot(results["scaling"], args.output.parent / "scaling") if "scaling" in results else []
+        write_results(args.output, results, ratios, machine(), plots, " ".join(["python -m benchmarks", *(argv or sys.argv[1:])]))
+        _atomic_write_text(args.output.with_suffix(".json"), json.dumps({"ratios": ratios, **results}, indent=1, default=str))
+    if args.json:
+        print(json.dumps(ratios))
+    else:
+        print(json.dumps({"ratios": ratios, **results}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""Analysis accumulation: throughput next to SAE encoding, and memory that stays flat in tokens."""
+
+import json
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
+
+import torch
+
+from mlsae_lens.analysis import LayerDistributionStats
+from mlsae_lens.sae import MultiLayerSAE, MultiLayerSAEConfig
+
+
+def analysis_pair(d_in: int, d_sae: int, k: int, n_layers: int, tokens: int) -> dict[str, Callable[[], object]]:
+    """``encode_topk`` alone vs ``encode_topk`` + ``LayerDistributionStats.update_sparse``."""
+    sae = MultiLayerSAE(MultiLayerSAEConfig(d_in=d_in, d_sae=d_sae, k=k, n_layers=n_layers)).eval()
+    acts = torch.randn(tokens, n_layers, d_in)
+
+    @torch.inference_mode()
+    def encode() -> object:
+        return sae.encode_topk(acts)
+
+    @torch.inference_mode()
+    def encode_and_update() -> object:
+        code = sae.encode_topk(acts)
+        LayerDistributionStats(n_layers, d_sae).update_sparse(code.indices, code.values)
+        return code
+
+    return {"encode": encode, "encode_and_update": encode_and_update}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def accumulate_synthetic(tokens: int, n_layers: int, d_sae: int, k: int, batch: int, use_maxrss: bool = True) -> dict[str, int]:
+    """Stream ``tokens`` synthetic top-k codes through one accumulator; peak RSS growth in bytes.
+
+    RSS is sampled after every batch; with ``use_maxrss`` (meant for a fresh process) the
+    kernel's high-water mark is used too, which also sees peaks inside ``update_sparse``.
+    """
+    gen = torch.Generator().manual_seed(0)
+    stats = LayerDistributionStats(n_layers, d_sae)
+    before = _rss_bytes()
+    peak = before
+    done = 0
+    while done < tokens:
+        n = min(batch, tokens - done)
+        indices = torch.randint(0, d_sae, (n, n_layers, k), generator=gen)
+        values = torch.rand(n, n_layers, k, generator=gen) * (torch.rand(n, n_layers, k, generator=gen) > 0.2)
+        stats.update_sparse(indices, values)
+        peak = max(peak, _rss_bytes())
+        done += n
+    # ru_maxrss also sees transient peaks inside update_sparse that sampling misses.
+    if use_maxrss:
+        peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"tokens": stats.n_tokens, "peak_growth_bytes": peak - before}
+
+
+def memory_growth(tokens: int, n_layers: int, d_sae: int, k: int, batch: int) -> int:
+    """Peak RSS growth of :func:`accumulate_synthetic` in a fresh process (so runs don't share a heap)."""
+    code = (
+        "import json, sys; from benchmarks.analysis import accumulate_synthetic; "
+        f"print(json.dumps(accumulate_synthetic({tokens}, {n_layers}, {d_sae}, {k}, {batch})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["tokens"] == tokens
+    return int(result["peak_growth_bytes"])

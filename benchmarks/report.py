@@ -1,0 +1,79 @@
+"""``results.md``: the ratios against their goals, the machine, versions and the command."""
+
+import os
+import tempfile
+from pathlib import Path
+
+GOALS = {
+    "train_vs_saelens": ("MLSAE train step vs SAELens TopKTrainingSAE (speed-up, higher is better)", ">= 4", lambda r: r >= 4),
+    "train_vs_floor": ("MLSAE train step / floor (encoder matmul + top-k)", "<= 1.5", lambda r: r <= 1.5),
+    "harvest_vs_forward": ("all-layer harvest / forward through the blocks", "<= 1.1", lambda r: r <= 1.1),
+    "analysis_vs_encode": ("encode + LayerDistributionStats.update_sparse / encode", "<= 1.2", lambda r: r <= 1.2),
+    "analysis_memory_ratio": ("peak memory growth of the accumulation, 1M / 10k tokens", "0.9 - 1.1", lambda r: 0.9 <= r <= 1.1),
+}
+
+
+def write_results(path: Path, results: dict, ratios: dict[str, float], machine: dict[str, str], plots: list[str], command: str) -> None:
+    s = results["sizes"]
+    lines = [
+        "# mlsae-lens benchmarks",
+        "",
+        f"Command: `{command}`. Every ratio compares two measurements interleaved in the same process "
+        "(median of repeats); absolute times are context only. The machine is shared with other jobs, so "
+        "expect a few tens of percent of noise between runs.",
+        "",
+        "## Machine and versions",
+        "",
+        *(f"- {key}: {value}" for key, value in machine.items()),
+        "",
+        "## Ratios against the goals",
+        "",
+        f"Main comparisons: d_in {s['d_in']}, k {s['k']}, {s['vectors']} vectors, float32, "
+        f"d_sae = R·d_in; the first R ({s['ratios'][0]}) is the headline row. Adam is `fused=True` for both SAEs. "
+        "10 % of latents are marked dead so both SAEs run AuxK (aux_k = d_in // 2 = 288 here).",
+        "",
+        "| metric | measured | goal | met |",
+        "|---|---|---|---|",
+    ]
+    for key, (label, goal, ok) in GOALS.items():
+        lines.append(f"| {label} | {ratios[key]:.2f} | {goal} | {'yes' if ok(ratios[key]) else 'no'} |")
+    lines += ["", "## Training step", "",
+              "| R | d_sae | MLSAE step (s) | SAELens step (s) | floor (s) | MLSAE vectors/s | SAELens vectors/s | MLSAE / floor | SAELens / floor | speed-up vs SAELens | MLSAE / floor, no dead latents (no AuxK) | MLSAE / floor with default (unfused) Adam |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in results["train"].items():
+        lines.append(
+            f"| {name[1:]} | {row['d_sae']} | {row['mlsae_s']:.3f} | {row['saelens_s']:.3f} | {row['floor_s']:.3f} | "
+            f"{row['mlsae_vectors_per_s']:.0f} | {row['saelens_vectors_per_s']:.0f} | {row['train_vs_floor']:.2f} | "
+            f"{row['saelens_vs_floor']:.2f} | {row['train_vs_saelens']:.2f} | {row['train_vs_floor_no_dead']:.2f} | "
+            f"{row['train_vs_floor_default_adam']:.2f} |"
+        )
+    h = results["harvest"]
+    a = results["analysis"]
+    lines += [
+        "",
+        "## Harvest",
+        "",
+        f"Model: {h['model']}; {h['tokens']} tokens per call. Harvest {h['harvest_s']:.3f} s, forward through the "
+        f"blocks (`stop_at_layer=n_layers`, the same compute) {h['forward_blocks_s']:.3f} s, full forward with logits "
+        f"{h['forward_logits_s']:.3f} s: harvest / blocks = {h['harvest_vs_forward']:.3f}, harvest / full forward = "
+        f"{h['harvest_vs_forward_with_logits']:.3f}.",
+        "",
+        "## Analysis",
+        "",
+        f"{a['tokens']} tokens × {s['analysis_layers']} layers = {a['vectors']} vectors, d_sae {8 * s['d_in']}: encode "
+        f"{a['encode_s']:.3f} s, encode + update_sparse {a['encode_and_update_s']:.3f} s (ratio {a['analysis_vs_encode']:.3f}).",
+        "",
+        f"Memory: synthetic top-k codes ({a['memory_setup']}) for {a['memory_tokens'][0]:,} and {a['memory_tokens'][1]:,} tokens: "
+        f"peak RSS growth {a['memory_growth_bytes'][0] / 2**20:.1f} MiB and {a['memory_growth_bytes'][1] / 2**20:.1f} MiB "
+        f"(ratio {a['analysis_memory_ratio']:.3f}).",
+    ]
+    if "scaling" in results:
+        lines += ["", "## Scaling (MLSAE step against the floor)", "", "| R | d_sae | k | step (s) | floor (s) | step / floor |", "|---|---|---|---|---|---|"]
+        for row in results["scaling"]["d_sae"] + results["scaling"]["k"]:
+            lines.append(f"| {row['R']} | {row['d_sae']} | {row['k']} | {row['step_s']:.3f} | {row['floor_s']:.3f} | {row['step_s'] / row['floor_s']:.2f} |")
+        lines += ["", "Plot: " + ", ".join(f"[{p}]({p})" for p in plots) + "."]
+    text = "\n".join(lines) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
