@@ -191,8 +191,7 @@ def machine() -> dict[str, str]:
         model = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), "?")
     except (OSError, subprocess.CalledProcessError):
         model = platform.processor() or "?"
-    import sae_lens
-    import transformer_lens
+    from importlib.metadata import version
 
     return {
         "cpu": model,
@@ -200,8 +199,8 @@ def machine() -> dict[str, str]:
         "torch_threads": str(torch.get_num_threads()),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "sae_lens": getattr(sae_lens, "__version__", "?"),
-        "transformer_lens": getattr(transformer_lens, "__version__", "?"),
+        "sae_lens": version("sae-lens"),
+        "transformer_lens": version("transformer-lens"),
     }
 
 

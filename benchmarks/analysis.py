@@ -35,6 +35,12 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _high_water_bytes() -> int:
+    with open("/proc/self/status") as f:
+        line = next(l for l in f if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def accumulate_synthetic(tokens: int, n_layers: int, d_sae: int, k: int, batch: int, use_maxrss: bool = True) -> dict[str, int]:
     """Stream ``tokens`` synthetic top-k codes through one accumulator; peak RSS growth in bytes.
 
@@ -53,9 +59,10 @@ def accumulate_synthetic(tokens: int, n_layers: int, d_sae: int, k: int, batch: 
         stats.update_sparse(indices, values)
         peak = max(peak, _rss_bytes())
         done += n
-    # ru_maxrss also sees transient peaks inside update_sparse that sampling misses.
+    # The kernel's high-water mark also sees transient peaks inside update_sparse that sampling
+    # misses (VmHWM, not ru_maxrss: the latter survives exec and would report the parent's peak).
     if use_maxrss:
-        peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        peak = max(peak, _high_water_bytes())
     return {"tokens": stats.n_tokens, "peak_growth_bytes": peak - before}
 
 
