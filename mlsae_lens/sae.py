@@ -253,6 +253,19 @@ class MultiLayerMixin:
         stats = normalize(x_norm, self.cfg.normalization, self.layer_means)[1]
         return denormalize(x_norm, stats)
 
+    # SAELens' API, shared by both classes (the mixin precedes the SAELens base in the MRO).
+    def encode(self, x: Tensor) -> Tensor:
+        return self.dense_encode(x)
+
+    def decode(self, feature_acts: Tensor) -> Tensor:
+        return self.dense_decode(feature_acts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.hook_sae_output(self.reconstruct(x))  # type: ignore[attr-defined]
+
+    def get_activation_fn(self) -> Callable[[Tensor], Tensor]:
+        return lambda x: x  # TopK lives in encode_normalized
+
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
         self.W_dec.data /= self.W_dec.data.norm(dim=-1, keepdim=True).clamp_min(1e-8)
@@ -277,22 +290,6 @@ class MultiLayerSAE(MultiLayerMixin, SAE[MultiLayerSAEConfig]):
     def initialize_weights(self) -> None:
         super().initialize_weights()
         self.init_multilayer_weights()
-
-    @override
-    def encode(self, x: Tensor) -> Tensor:
-        return self.dense_encode(x)
-
-    @override
-    def decode(self, feature_acts: Tensor) -> Tensor:
-        return self.dense_decode(feature_acts)
-
-    @override
-    def forward(self, x: Tensor) -> Tensor:
-        return self.hook_sae_output(self.reconstruct(x))
-
-    @override
-    def get_activation_fn(self) -> Callable[[Tensor], Tensor]:
-        return lambda x: x  # TopK lives in encode_normalized
 
     @override
     @classmethod
@@ -330,22 +327,6 @@ class MultiLayerTrainingSAE(MultiLayerMixin, TrainingSAE[MultiLayerTrainingSAECo
         out = self.encode_full(x)
         self._pending_norm_stats = out.norm_stats
         return scatter_topk(out.topk, self.cfg.d_sae), out.hidden_pre
-
-    @override
-    def encode(self, x: Tensor) -> Tensor:
-        return self.dense_encode(x)
-
-    @override
-    def decode(self, feature_acts: Tensor) -> Tensor:
-        return self.dense_decode(feature_acts)
-
-    @override
-    def forward(self, x: Tensor) -> Tensor:
-        return self.hook_sae_output(self.reconstruct(x))
-
-    @override
-    def get_activation_fn(self) -> Callable[[Tensor], Tensor]:
-        return lambda x: x
 
     @override
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
