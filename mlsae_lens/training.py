@@ -168,6 +168,9 @@ class MultiLayerSAETrainingRunner:
             lr=cfg.lr,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps,
+            # One fused kernel over all parameters: ~9x faster than the per-tensor loop on
+            # CPU at 42M parameters (benchmarks/), and deterministic, so resume stays bitwise.
+            fused=True,
         )
         self.total_steps = math.ceil(cfg.training_tokens / cfg.batch_size_tokens)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
