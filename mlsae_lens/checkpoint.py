@@ -104,7 +104,9 @@ def atomic_save_sae(sae: Any, directory: Path, inference: bool = True) -> None:
     directory = Path(directory)
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-sae-"))
     try:
-        (sae.save_inference_model if inference else sae.save_model)(tmp)
+        # A training SAE saves its inference form; an inference SAE has only save_model.
+        save = sae.save_inference_model if inference and hasattr(sae, "save_inference_model") else sae.save_model
+        save(tmp)
         # Weights first, config last: a cfg.json always describes complete weights.
         for name in sorted(p.name for p in tmp.iterdir() if p.name != "cfg.json") + ["cfg.json"]:
             os.replace(tmp / name, directory / name)

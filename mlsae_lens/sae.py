@@ -291,6 +291,23 @@ class MultiLayerSAE(MultiLayerMixin, SAE[MultiLayerSAEConfig]):
         super().initialize_weights()
         self.init_multilayer_weights()
 
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        release: str,
+        sae_id: str,
+        device: str = "cpu",
+        local_dir: str | None = None,
+        **kwargs: Any,
+    ) -> "MultiLayerSAE":
+        """A release from mlsae-lens' registry (``mlsae_lens/pretrained_saes.yaml``, incl. the
+        paper's published checkpoints), else SAELens' own ``from_pretrained``."""
+        from mlsae_lens.pretrained import from_pretrained, release_registry
+
+        if release in release_registry():
+            return from_pretrained(release, sae_id, local_dir=local_dir, device=device)
+        return super().from_pretrained(release, sae_id, device=device, **kwargs)  # type: ignore[return-value]
+
     @override
     @classmethod
     def get_sae_config_class_for_architecture(cls, architecture: str) -> type[SAEConfig]:
