@@ -16,6 +16,12 @@ from mlsae_lens.sae import (
     MultiLayerTrainingSAEConfig,
     TopKOutput,
 )
+from mlsae_lens.layer_view import (
+    LAYER_VIEW_ARCHITECTURE,
+    LayerViewSAE,
+    LayerViewSAEConfig,
+    steering_hook,
+)
 
 __version__ = "0.1.0"
 
@@ -26,13 +32,19 @@ if ARCHITECTURE not in SAE_TRAINING_CLASS_REGISTRY:
     register_sae_training_class(
         ARCHITECTURE, MultiLayerTrainingSAE, MultiLayerTrainingSAEConfig
     )
+# One layer of an MLSAE as a single-hook SAE (``MultiLayerSAE.layer_view``).
+if LAYER_VIEW_ARCHITECTURE not in SAE_CLASS_REGISTRY:
+    register_sae_class(LAYER_VIEW_ARCHITECTURE, LayerViewSAE, LayerViewSAEConfig)
 
 __all__ = [
+    "LayerViewSAE",
+    "LayerViewSAEConfig",
     "MLSAEError",
     "MultiLayerSAE",
     "MultiLayerSAEConfig",
     "MultiLayerTrainingSAE",
     "MultiLayerTrainingSAEConfig",
     "TopKOutput",
+    "steering_hook",
     "__version__",
 ]

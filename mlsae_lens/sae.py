@@ -15,6 +15,7 @@ un-normalize.
 
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,9 @@ from mlsae_lens.normalization import (
     denormalize,
     normalize,
 )
+
+if TYPE_CHECKING:
+    from mlsae_lens.layer_view import LayerViewSAE
 
 ARCHITECTURE = "multilayer_topk"
 
@@ -226,6 +230,16 @@ class MultiLayerMixin:
         """Encode and decode ``x`` back into the residual stream's own scale."""
         out = self.encode_full(x)
         return denormalize(self.decode_topk_normalized(out.topk), out.norm_stats)
+
+    def layer_view(self, layer: int) -> "LayerViewSAE":
+        """Layer ``layer`` as an ordinary single-hook SAELens SAE sharing these weights.
+
+        For SAELens tools (``HookedSAETransformer.run_with_saes``, ``sae_lens.evals``,
+        steering); see :mod:`mlsae_lens.layer_view`.
+        """
+        from mlsae_lens.layer_view import LayerViewSAE  # deferred: keeps sae.py import-light
+
+        return LayerViewSAE.from_mlsae(self, layer)
 
     def dense_encode(self, x: Tensor) -> Tensor:
         """SAELens' dense ``encode``; remembers the normalization for the next ``decode``."""

@@ -1,0 +1,376 @@
+"""One layer of an MLSAE as an ordinary single-hook SAELens SAE.
+
+SAELens tools (``HookedSAETransformer.add_sae`` / ``run_with_saes`` /
+``run_with_cache_with_saes``, ``sae_lens.evals``, steering, dashboards) take one SAE at one
+hook. :meth:`MultiLayerSAE.layer_view` gives them layer ``l`` of an MLSAE as a
+:class:`LayerViewSAE`: hook ``blocks.{l}.hook_resid_post``, inputs ``[..., d_in]`` (no layer
+axis), and exactly the MLSAE's encode/decode at that layer, normalization included.
+
+Why a subclass of SAELens' :class:`~sae_lens.TopKSAE`: the MLSAE's math at one layer *is*
+a TopK SAE (``x - b_dec → @W_enc + b_enc → TopK → ReLU → @W_dec + b_dec``) wrapped in a
+normalization, and SAELens already routes normalization through
+``run_time_activation_norm_fn_in/out``. Overriding those two functions (and nothing about the
+TopK) keeps every tool that special-cases ``TopKSAE`` working. The view's architecture has
+its own name (``multilayer_topk_layer``, registered in ``mlsae_lens/__init__.py``) because its
+config carries the layer and the normalization mode, which plain ``topk`` files cannot.
+
+The view *shares* the MLSAE's tensors: the same ``nn.Parameter`` objects and a view of
+``layer_means[l]``, so in-place updates (training, ``copy_``) show through at once. Moving or
+re-loading the MLSAE (``.to(...)``, ``load_state_dict(assign=True)``) replaces its tensors:
+take a new view afterwards. Conversely ``view.to(...)`` moves the shared Parameters (the
+MLSAE's too) but not the MLSAE's ``layer_means``: move the MLSAE, not the view.
+
+Export (:meth:`LayerViewSAE.save_model`) writes a standalone built-in ``topk`` SAE that plain
+SAELens loads without mlsae-lens:
+
+* ``none`` — exact (same weights).
+* ``center`` — exact up to float rounding: ``(x - μ_l) - b_dec = x - (b_dec + μ_l)``, so the
+  layer mean folds into the bias (``b_dec' = b_dec + μ_l``).
+* ``standardize`` — approximate, through SAELens' ``normalize_activations="layer_norm"``. Its
+  input side equals ours, ``(x - mean) / (std + eps)`` (unbiased std, ``eps = 1e-5``), so the
+  latents are the same; its output side multiplies back by ``std`` where ours multiplies by
+  ``std + eps``. The exported reconstruction is therefore the MLSAE's minus
+  ``eps · x̂_norm`` (``x̂_norm`` = the reconstruction in the normalized space, components of
+  order 1): an absolute error of about ``1e-5`` per component, a relative error ``eps / std``
+  of the reconstruction's deviation from its mean. ``exact=True`` refuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from sae_lens import TopKSAE, TopKSAEConfig
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from sae_lens.saes.sae import SAEMetadata
+from torch import Tensor
+from transformer_lens.hook_points import HookPoint
+from typing_extensions import override
+
+from mlsae_lens import sparse_ops
+from mlsae_lens.checkpoint import atomic_save_file, atomic_write_json
+from mlsae_lens.errors import MLSAEError
+from mlsae_lens.normalization import (
+    NORMALIZATION_MODES,
+    STANDARDIZE_EPS,
+    NormalizationMode,
+    NormStats,
+    denormalize,
+    normalize,
+)
+
+if TYPE_CHECKING:
+    from mlsae_lens.sae import MultiLayerMixin
+
+logger = logging.getLogger(__name__)
+
+LAYER_VIEW_ARCHITECTURE = "multilayer_topk_layer"
+
+# SAELens' name for the normalization each of our modes exports to (see module docstring).
+SAELENS_NORMALIZATION: dict[str, str] = {
+    "none": "none",
+    "center": "none",  # the layer mean is folded into b_dec
+    "standardize": "layer_norm",  # approximate: SAELens multiplies back by std, not std + eps
+}
+EXACT_EXPORT_MODES: tuple[str, ...] = ("none", "center")
+
+_SHARED_PARAMETERS = ("W_enc", "b_enc", "W_dec", "b_dec")
+# MLSAE metadata that describes all layers and does not belong on a single-hook SAE.
+_MULTI_LAYER_METADATA = ("hook_names",)
+
+
+def resid_post_hook_name(layer: int) -> str:
+    """TransformerLens' name of the residual stream after block ``layer``."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+@dataclass
+class LayerViewSAEConfig(TopKSAEConfig):
+    """Config of one layer of an MLSAE: a TopK SAE plus the layer and its normalization."""
+
+    layer: int = 0
+    """Which layer of the MLSAE this SAE reads (hook ``blocks.{layer}.hook_resid_post``)."""
+    normalization: NormalizationMode = "none"
+    """The MLSAE's input normalization, applied at this layer."""
+
+    @override
+    @classmethod
+    def architecture(cls) -> str:
+        return LAYER_VIEW_ARCHITECTURE
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.normalization not in NORMALIZATION_MODES:
+            raise MLSAEError(
+                f"unknown normalization {self.normalization!r}; use one of {NORMALIZATION_MODES}"
+            )
+        if self.layer < 0:
+            raise MLSAEError(f"layer must be non-negative, got {self.layer}")
+
+
+class LayerViewSAE(TopKSAE):
+    """Layer ``cfg.layer`` of an MLSAE as a single-hook SAELens ``TopKSAE``.
+
+    Build it with :meth:`MultiLayerSAE.layer_view` (shares the MLSAE's tensors). Constructed
+    from a config alone (as SAELens' registry does) it is a standalone SAE with its own
+    weights and a ``layer_mean`` buffer.
+    """
+
+    cfg: LayerViewSAEConfig  # type: ignore[assignment]
+    layer_mean: Tensor
+
+    def __init__(self, cfg: LayerViewSAEConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)  # type: ignore[arg-type]
+        self._pending_norm_stats: NormStats | None = None
+
+    @override
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        self.register_buffer(
+            "layer_mean",
+            torch.zeros(self.cfg.d_in, dtype=self.dtype, device=self.device),
+            persistent=True,
+        )
+
+    @classmethod
+    def from_mlsae(cls, mlsae: MultiLayerMixin, layer: int) -> LayerViewSAE:
+        """View of ``mlsae`` at ``layer`` (negative indices count from the last layer).
+
+        Raises:
+            MLSAEError: ``layer`` is outside the MLSAE's layers.
+        """
+        n_layers = mlsae.cfg.n_layers
+        if not -n_layers <= layer < n_layers:
+            raise MLSAEError(
+                f"layer {layer} is out of range for an MLSAE of {n_layers} layers; "
+                f"use 0..{n_layers - 1} (or a negative index from the end)"
+            )
+        layer %= n_layers
+        metadata = {
+            key: value
+            for key, value in mlsae.cfg.metadata.to_dict().items()
+            if key not in _MULTI_LAYER_METADATA
+        }
+        metadata.update(hook_name=resid_post_hook_name(layer), mlsae_layer=layer)
+        cfg = LayerViewSAEConfig(
+            d_in=mlsae.cfg.d_in,
+            d_sae=mlsae.cfg.d_sae,
+            k=mlsae.cfg.k,
+            dtype=mlsae.cfg.dtype,
+            device="meta",  # no throwaway weights: the real ones are the MLSAE's
+            apply_b_dec_to_input=True,
+            normalize_activations=SAELENS_NORMALIZATION[mlsae.cfg.normalization],  # type: ignore
+            layer=layer,
+            normalization=mlsae.cfg.normalization,
+            metadata=SAEMetadata(**metadata),
+        )
+        view = cls(cfg)
+        view.cfg.device = mlsae.cfg.device
+        view.device = mlsae.W_enc.device
+        for name in _SHARED_PARAMETERS:
+            setattr(view, name, getattr(mlsae, name))  # the same Parameter objects
+        view.layer_mean = mlsae.layer_means[layer]  # a view of the MLSAE's buffer
+        # Not a submodule: the MLSAE's hooks and tensors must not appear under the view.
+        view.__dict__["_mlsae"] = mlsae
+        return view
+
+    @property
+    def mlsae(self) -> MultiLayerMixin | None:
+        """The MLSAE this view shares its tensors with (``None`` for a standalone one)."""
+        return self.__dict__.get("_mlsae")
+
+    @property
+    def matmul_dtype(self) -> torch.dtype | None:
+        """The MLSAE's matmul dtype, so the view's encoder rounds exactly as the MLSAE's."""
+        return getattr(self.mlsae, "matmul_dtype", None)
+
+    # ---- normalization (SAELens' run-time normalization slots) --------------------------
+
+    @override
+    def _setup_activation_normalization(self) -> None:
+        """Nothing to set up: the two ``run_time_activation_norm_fn_*`` methods below are ours."""
+
+    def to_shared_space(self, x: Tensor) -> Tensor:
+        """Map this layer's residual vectors into the space the MLSAE's dictionary reads.
+
+        Identity today. Extension point for issue 6 (tuned-lens translators): compose layer
+        ``cfg.layer``'s translator here and its inverse in :meth:`from_shared_space`, and
+        teach :meth:`to_topk_sae` (refuse, or fold an affine translator into the weights).
+        """
+        return x
+
+    def from_shared_space(self, x: Tensor) -> Tensor:
+        """Inverse of :meth:`to_shared_space` (identity today)."""
+        return x
+
+    def norm_stats(self, x: Tensor) -> NormStats:
+        """The MLSAE's normalization map at this layer for residual vectors ``x``."""
+        return normalize(x, self.cfg.normalization, self.layer_mean)[1]
+
+    def run_time_activation_norm_fn_in(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        x_norm, stats = normalize(self.to_shared_space(x), self.cfg.normalization, self.layer_mean)
+        self._pending_norm_stats = stats
+        return x_norm
+
+    def run_time_activation_norm_fn_out(self, x_norm: Tensor) -> Tensor:  # type: ignore[override]
+        """Back to the residual stream's scale.
+
+        ``standardize`` needs each vector's own mean and std, which only ``encode`` saw, so
+        ``decode`` uses the statistics of the last ``encode`` (as SAELens' ``layer_norm`` does).
+        """
+        stats, self._pending_norm_stats = self._pending_norm_stats, None
+        if self.cfg.normalization != "standardize":
+            stats = self.norm_stats(x_norm)  # constant shift and scale
+        elif stats is None or stats.shift.shape[:-1] != x_norm.shape[:-1]:
+            raise MLSAEError(
+                "decode() of a standardize-mode layer view needs the per-vector statistics of "
+                "the matching encode() call; call encode() on the same batch first, or use sae(x)"
+            )
+        return self.from_shared_space(denormalize(x_norm, stats))
+
+    # ---- encode ------------------------------------------------------------------------
+
+    @override
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense TopK code of ``[..., d_in]`` vectors, computed exactly as the MLSAE does."""
+        if x.shape[-1] != self.cfg.d_in:
+            raise MLSAEError(
+                f"this layer view expects activations of shape [..., d_in={self.cfg.d_in}] "
+                f"from {self.cfg.metadata.hook_name}, got {list(x.shape)}"
+            )
+        sae_in = self.process_sae_in(x)  # dtype, hook_sae_input, normalize, minus b_dec
+        flat = sae_in.reshape(-1, self.cfg.d_in)
+        pre = sparse_ops.pre_activations(flat, self.W_enc, self.b_enc, self.matmul_dtype)
+        hidden_pre = self.hook_sae_acts_pre(pre.to(self.dtype).reshape(*sae_in.shape[:-1], -1))
+        return self.hook_sae_acts_post(self.activation_fn(hidden_pre))
+
+    # ---- export ------------------------------------------------------------------------
+
+    def to_topk_sae(self, exact: bool = False) -> TopKSAE:
+        """A standalone built-in SAELens ``TopKSAE`` (copied weights) equivalent to this view.
+
+        Args:
+            exact: refuse modes that SAELens can only approximate (``standardize``).
+
+        Raises:
+            MLSAEError: ``exact`` and the normalization is ``standardize``.
+        """
+        mode = self.cfg.normalization
+        if mode not in EXACT_EXPORT_MODES:
+            if exact:
+                raise MLSAEError(
+                    f"a {mode!r}-mode layer exports to SAELens only approximately "
+                    "(SAELens' layer_norm multiplies back by std, ours by std + 1e-5: a relative "
+                    "error of 1e-5/std); pass exact=False to accept it, or use a "
+                    "'center'/'none'-mode MLSAE"
+                )
+            logger.info(
+                "exporting a %s-mode layer as SAELens layer_norm: reconstructions differ by "
+                "%.0e x the normalized reconstruction",
+                mode,
+                STANDARDIZE_EPS,
+            )
+        with torch.no_grad():
+            b_dec = self.b_dec.detach().clone()
+            if mode == "center":
+                b_dec += self.layer_mean.to(b_dec.dtype)
+            state = {
+                "W_enc": self.W_enc.detach().clone(),
+                "b_enc": self.b_enc.detach().clone(),
+                "W_dec": self.W_dec.detach().clone(),
+                "b_dec": b_dec,
+            }
+        metadata = {
+            **self.cfg.metadata.to_dict(),
+            "mlsae_normalization": mode,
+            "exported_from": "mlsae_lens",
+        }
+        cfg = TopKSAEConfig(
+            d_in=self.cfg.d_in,
+            d_sae=self.cfg.d_sae,
+            k=self.cfg.k,
+            dtype=self.cfg.dtype,
+            device="meta",
+            apply_b_dec_to_input=True,
+            normalize_activations=SAELENS_NORMALIZATION[mode],  # type: ignore[arg-type]
+            metadata=SAEMetadata(**metadata),
+        )
+        sae = TopKSAE(cfg)
+        sae.load_state_dict(state, assign=True)
+        sae.cfg.device = self.cfg.device
+        sae.device = self.device
+        return sae
+
+    @override
+    def save_model(self, path: str | Path, exact: bool = False) -> tuple[Path, Path]:
+        """Write a standalone SAELens ``topk`` SAE (``cfg.json`` + ``sae_weights.safetensors``).
+
+        Plain SAELens loads it with ``SAE.load_from_disk(path)``, no mlsae-lens needed. Each
+        file is written atomically.
+
+        Args:
+            path: output folder (created if missing).
+            exact: refuse modes SAELens can only approximate (see :meth:`to_topk_sae`).
+
+        Returns:
+            The weights path and the config path, as SAELens' ``save_model`` does.
+        """
+        exported = self.to_topk_sae(exact=exact)
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = exported.state_dict()
+        exported.process_state_dict_for_saving(state)
+        weights_path, cfg_path = path / SAE_WEIGHTS_FILENAME, path / SAE_CFG_FILENAME
+        atomic_save_file(state, weights_path)
+        atomic_write_json(cfg_path, exported.cfg.to_dict())
+        return weights_path, cfg_path
+
+
+def steering_hook(
+    sae: MultiLayerMixin | LayerViewSAE, latent: int, layer: int | None, scale: float
+) -> tuple[str, Callable[..., Tensor]]:
+    """A TransformerLens forward hook that steers along one latent's decoder direction.
+
+    Adds what raising latent ``latent`` by ``scale`` adds to the SAE's reconstruction at
+    ``layer``: ``scale · W_dec[latent]`` in the normalized space, mapped back to the residual
+    stream (for ``standardize`` that is times each vector's own ``std + eps``; ``center`` and
+    ``none`` add ``scale · W_dec[latent]`` as is). It therefore equals adding ``scale`` to
+    ``hook_sae_acts_post`` of the layer view under ``run_with_saes(..., use_error_term=True)``,
+    without running the SAE. Use it as
+    ``model.run_with_hooks(tokens, fwd_hooks=[steering_hook(mlsae, latent, layer, scale)])``.
+
+    Args:
+        sae: an MLSAE (then ``layer`` is required) or a layer view (``layer`` may be ``None``).
+        latent: index of the latent, ``0 <= latent < d_sae``.
+        layer: layer to steer at.
+        scale: how much to add to the latent's activation.
+
+    Returns:
+        ``(hook_name, hook_fn)`` for ``fwd_hooks``.
+    """
+    if isinstance(sae, LayerViewSAE):
+        if layer is not None and layer != sae.cfg.layer:
+            raise MLSAEError(
+                f"this layer view reads layer {sae.cfg.layer}, not {layer}; pass layer=None "
+                "or take the view of the layer you want with mlsae.layer_view(layer)"
+            )
+        view = sae
+    elif layer is None:
+        raise MLSAEError("steering an MLSAE needs a layer; pass layer=l")
+    else:
+        view = sae.layer_view(layer)
+    if not 0 <= latent < view.cfg.d_sae:
+        raise MLSAEError(f"latent {latent} is out of range; use 0..{view.cfg.d_sae - 1}")
+
+    def hook_fn(resid: Tensor, hook: HookPoint) -> Tensor:  # noqa: ARG001
+        stats = view.norm_stats(view.to_shared_space(resid.to(view.dtype)))
+        delta = scale * view.W_dec[latent].detach() * stats.scale
+        # A future affine translator (issue 6) must map this delta by its linear part only.
+        return resid + view.from_shared_space(delta).to(resid.dtype)
+
+    return view.cfg.metadata.hook_name, hook_fn
+
