@@ -103,15 +103,18 @@ class ActivationStream:
         chunk = chunk % self.n_chunks  # epochs wrap around
         start = chunk * self.cfg.contexts_per_chunk
         ids = self.context_order[start : start + self.cfg.contexts_per_chunk]
-        parts = []
-        for i in range(0, len(ids), self.cfg.model_batch_size):
-            sel = ids[i : i + self.cfg.model_batch_size]
-            acts = harvest_resid_post(self.model, self.tokens[sel])
-            check_finite(acts, f"chunk {chunk}")
-            parts.append(valid_token_vectors(acts, self.special_mask[sel]).to(self.device))
+        mbs = self.cfg.model_batch_size
+        parts = [self.harvest_group(g, ids[i : i + mbs], chunk) for g, i in enumerate(range(0, len(ids), mbs))]
         vectors = torch.cat(parts)
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + chunk)
         return vectors[torch.randperm(vectors.shape[0], generator=gen).to(vectors.device)]
+
+    def harvest_group(self, group: int, contexts: Tensor, chunk: int) -> Tensor:  # noqa: ARG002
+        """Valid-token vectors of one model forward pass (the unit a distributed stream
+        deals out to ranks)."""
+        acts = harvest_resid_post(self.model, self.tokens[contexts])
+        check_finite(acts, f"chunk {chunk}")
+        return valid_token_vectors(acts, self.special_mask[contexts]).to(self.device)
 
     def batches(self, start_chunk: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, Tensor]]:
         """Yield ``(chunk, batch_in_chunk, batch)`` forever, from a saved position on."""

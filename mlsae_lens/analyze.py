@@ -58,6 +58,8 @@ from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.figures import (
     adjacent_cosine_figure,
+    eval_metrics_figure,
+    frequency_histogram_figure,
     latent_token_figure,
     layer_heatmap_figure,
     layer_moment_histograms_figure,
@@ -67,6 +69,7 @@ from mlsae_lens.figures import (
 )
 from mlsae_lens.report import ReportSection, write_report
 from mlsae_lens.sae import MultiLayerMixin
+from mlsae_lens.topk_contexts import TopContexts, valid_token_positions
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +103,16 @@ class AnalysisOptions:
     """Continue from a partial ``stats.safetensors`` in the run directory."""
     overwrite: bool = False
     """Discard a partial ``stats.safetensors`` and start over."""
+    top_contexts: bool | None = None
+    """Collect every latent's top-N tokens per layer for ``mlsae-lens explore``
+    (``top_contexts.safetensors``); ``None``: only when ``tokens`` <= 1M."""
+    top_n: int = 16
+    """Tokens kept per (latent, layer) by the top-context collection."""
+
+    @property
+    def collect_top_contexts(self) -> bool:
+        """Whether this analysis collects top contexts (the default depends on ``tokens``)."""
+        return self.tokens <= 1_000_000 if self.top_contexts is None else self.top_contexts
 
     def __post_init__(self) -> None:
         positive = {
@@ -107,6 +120,7 @@ class AnalysisOptions:
             "--batch-size": self.batch_size,
             "--centered-tokens": self.centered_tokens,
             "--save-every-tokens": self.save_every_tokens,
+            "--top-n": self.top_n,
         }
         for flag, value in positive.items():
             if value is not None and value <= 0:
@@ -137,9 +151,18 @@ class AnalysisStats:
     layer: LayerDistributionStats
     resid: ResidualNormStats
     progress: dict[str, Any] = field(default_factory=dict)
+    top: TopContexts | None = None
+    """Top contexts (``mlsae-lens explore``), saved beside as ``top_contexts.safetensors``
+    with every save; :meth:`load` leaves it ``None`` (``explorer.load_top_contexts`` reads it)."""
 
     def save(self, path: str | Path) -> None:
         """One safetensors file, written atomically, with both states and the progress."""
+        if self.top is not None:  # a crash between the two writes shows in their token counts
+            from mlsae_lens.explorer import TOP_CONTEXTS_FILE, save_partial_top_contexts
+
+            save_partial_top_contexts(
+                Path(path).with_name(TOP_CONTEXTS_FILE), self.top, self.progress
+            )
         tensors: dict[str, Tensor] = {}
         meta: dict[str, Any] = {"progress": self.progress}
         for prefix, state in (
@@ -179,6 +202,8 @@ class AnalysisStats:
         centering means, which :class:`ResidualNormStats` checks). Progress is not merged."""
         self.layer.merge(other.layer)
         self.resid.merge(other.resid)
+        if self.top is not None and other.top is not None:
+            self.top.merge(other.top)
         return self
 
 
@@ -306,11 +331,17 @@ def _latent_pass(run: _Run, stats: AnalysisStats, batch_size: int, path: Path, e
     done = stats.layer.n_tokens
     saver = _Saver(stats, path, every, done)
     with tqdm(total=target, initial=done, desc="latents + norms", unit="tok") as bar:
+        first_context = progress["next_context"]
         for next_context, vectors in _test_vectors(
             run, batch_size, progress["next_context"], target - done
         ):
+            positions = valid_token_positions(run.special_mask, first_context, next_context)
+            first_context, offset = next_context, 0
             for indices, values in _encode_chunks(run.sae, vectors):
                 stats.layer.update_sparse(indices, values)
+                if stats.top is not None:
+                    stats.top.update(indices, values, positions[offset : offset + len(indices)])
+                offset += len(indices)
             stats.resid.update(vectors)
             done += vectors.shape[0]
             bar.update(vectors.shape[0])
@@ -518,6 +549,9 @@ def analyze_run(
         "sae_sha256": _file_sha256(run_dir / "sae_weights.safetensors"),
     }
     stats = _start_or_resume(run, options, identity)
+    from mlsae_lens.explorer import finalize_top_contexts, start_or_resume_top_contexts
+
+    stats.top = start_or_resume_top_contexts(run_dir, stats, options, run.sae)
     batch_size = options.batch_size or run.cfg.model_batch_size
     path = run_dir / STATS_FILE
     start = time.perf_counter()
@@ -525,6 +559,8 @@ def analyze_run(
         _latent_pass(run, stats, batch_size, path, options.save_every_tokens)
     if stats.progress["phase"] == "centered":
         _centered_pass(run, stats, batch_size, path, options.save_every_tokens)
+    if stats.top is not None:
+        finalize_top_contexts(run_dir, stats.top, stats.progress, run.model, run.sae, run.test)
     seconds = time.perf_counter() - start
 
     prompt = analyze_prompt(run.sae, run.model, options.prompt, options.weighting)
@@ -642,7 +678,10 @@ def build_run_report(run_dir: str | Path) -> Path:
         sections.append(ReportSection(title="Training", figures=[training_curve_figure(log)]))
     if (run_dir / "eval.json").is_file():
         k = cfg.get("k", "k")  # names the PCA floor's rank
-        sections.append(_reconstruction_section(_read_json(run_dir / "eval.json"), k))
+        eval_data = _read_json(run_dir / "eval.json")
+        sections.append(_reconstruction_section(eval_data, k))
+        if eval_data.get("methods"):
+            sections.append(_evaluation_section(eval_data))
     if (run_dir / METRICS_FILE).is_file():
         metrics = _read_json(run_dir / METRICS_FILE)
         stats_path = run_dir / STATS_FILE
@@ -687,6 +726,45 @@ def _reconstruction_section(data: dict[str, Any], k: int) -> ReportSection:
         pca_fvu=torch.tensor(per_layer["pca_fvu"]) if "pca_fvu" in per_layer else None,
     )
     return reconstruction_section(result, len(per_layer["fvu"]), k)
+
+
+def _evaluation_section(data: dict[str, Any]) -> ReportSection:
+    """MLSAE vs baselines from eval.json: the comparison table, metrics per layer, firing."""
+    from mlsae_lens.evals import comparison_table
+
+    rows = comparison_table(data)
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in rows[0])
+    body = "".join(
+        "<tr>" + "".join(
+            f"<td>{'—' if v is None else html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</td>"
+            for v in row.values()
+        ) + "</tr>"
+        for row in rows
+    )
+    down = data.get("downstream")
+    note = (
+        f"<p>{data['n_tokens']} test tokens for reconstruction"
+        + (f", {down['n_predicted_positions']} predicted positions for the downstream metrics "
+           f"(clean CE {down['ce_loss_without_sae']:.4f} nats)" if down else "")
+        + f"; means over layers {data['layers'] if len(data['layers']) < 12 else 'all'}. "
+        "FVU in the MLSAE's normalized space; Δ CE and KL(clean ‖ spliced) splice a "
+        "reconstruction into one layer's hook_resid_post (non-special positions only) and run "
+        "the rest of the model; CE loss recovered is SAELens' ce_loss_score (relative to zero- "
+        "or mean-ablation of that layer). PCA is fit in-sample on the evaluated tokens.</p>"
+    )
+    histograms = {
+        m["label"]: m["frequency_histogram"]
+        for m in data["methods"].values()
+        if m.get("frequency_histogram")
+    }
+    figures = [eval_metrics_figure(data["methods"], data["layers"], data["n_layers"])]
+    if histograms:
+        figures.append(frequency_histogram_figure(histograms))
+    return ReportSection(
+        title="Evaluation: MLSAE vs baselines",
+        html=note + f"<table><tr>{head}</tr>{body}</table>",
+        figures=figures,
+    )
 
 
 def _analysis_sections(metrics: dict[str, Any], stats: AnalysisStats | None) -> list[ReportSection]:

@@ -124,6 +124,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Trainer tensors and JSON state of a checkpoint; a damaged one is named."""
+    check_not_pickle(Path(path) / STATE_TENSORS)
     try:
         tensors = load_file(Path(path) / STATE_TENSORS)
         plain = json.loads((Path(path) / STATE_JSON).read_text())
@@ -133,3 +134,100 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
             "the one before, or start a new run"
         ) from exc
     return tensors, plain
+
+
+# ---- hostile files -------------------------------------------------------------------
+
+PICKLE_MAGIC = b"\x80"
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle")
+
+
+def check_not_pickle(path: Path) -> None:
+    """Refuse a pickle or ``torch.save`` file where safetensors/JSON belongs.
+
+    Unpickling runs arbitrary code, so mlsae-lens never does it. A pickle starts with the
+    protocol opcode ``0x80``; ``torch.save`` writes a zip archive (``PK\\x03\\x04``) holding
+    one. Checking the first bytes catches a renamed file that ``safetensors`` would only
+    call "corrupted".
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        return  # a missing file is the caller's message to give
+    if head[:1] == PICKLE_MAGIC or head == ZIP_MAGIC:
+        raise MLSAEError(
+            f"{path} is a pickle/torch.save file; mlsae-lens never unpickles (it can run code); "
+            "convert it to safetensors (safetensors.torch.save_file) from a trusted Python session"
+        )
+
+
+def refuse_pickles_instead_of_weights(directory: Path) -> None:
+    """Call when a directory lacks its safetensors weights: if it holds a ``.pt``/``.bin``/...
+    file instead, name it (someone expected it to be read, and it never will be)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    for name in sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES):
+        raise MLSAEError(
+            f"{directory / name} is a pickle/torch.save file; mlsae-lens never unpickles (it can "
+            f"run code) and {directory} holds no safetensors weights; convert it to safetensors "
+            "(safetensors.torch.save_file) from a trusted Python session"
+        )
+
+
+# ---- one writer per run directory ------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_run_lock(run_dir: Path) -> Path:
+    """Create ``run_dir/.lock`` (``O_EXCL``) holding our pid and host, so two runs never
+    write into one directory. A lock whose process is dead (a run killed by SIGKILL or a
+    power cut) is stale and taken over."""
+    import socket
+
+    lock = Path(run_dir) / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+                pid, host = int(holder["pid"]), str(holder.get("host", me["host"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, host = -1, me["host"]  # unreadable: half-written by a killed process
+            if host == me["host"] and (pid < 0 or not _pid_alive(pid)):
+                lock.unlink(missing_ok=True)  # stale
+                continue
+            raise MLSAEError(
+                f"another mlsae-lens run (pid {pid} on {host}) is writing into {run_dir}; wait for "
+                f"it to finish or choose another --output-dir (if no such run exists, delete {lock})"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return lock
+    raise MLSAEError(f"could not take the lock {lock}; delete it if no run is writing into {run_dir}")
+
+
+def release_run_lock(run_dir: Path) -> None:
+    """Remove ``run_dir/.lock`` if this process holds it."""
+    lock = Path(run_dir) / LOCK_FILE
+    try:
+        if int(json.loads(lock.read_text())["pid"]) == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError, KeyError, TypeError):
+        pass

@@ -72,6 +72,28 @@ def cmd_train(args: argparse.Namespace) -> None:
     logger.info("saved the MLSAE to %s (load it with sae_lens.SAE.load_from_disk)", runner.out)
 
 
+def cmd_cache(args: argparse.Namespace) -> None:
+    from mlsae_lens.activation_cache import write_activation_cache
+
+    cfg = config_from_args(args)
+    path = write_activation_cache(cfg, Path(args.output), contexts_per_shard=args.contexts_per_shard)
+    print(f"activation cache: {path} (train with --activation-cache {path})")
+
+
+def add_cache_parser(sub: Any) -> None:
+    cache = sub.add_parser(
+        "cache", help="harvest every layer's activations of the training split once, for many SAEs",
+        description="Run the model once over the training split and write its raw hook_resid_post "
+        "activations (valid tokens) as sharded safetensors with a manifest.json (checksums, model and "
+        "corpus settings). `train --activation-cache DIR` with the same model and corpus flags reads "
+        "them instead of running the model.")
+    add_config_flags(cache)
+    cache.add_argument("--output", required=True, metavar="DIR", help="the cache directory to write")
+    cache.add_argument("--contexts-per-shard", type=int_with_underscores, default=256,
+                       help="contexts per safetensors shard (default: %(default)s)")
+    cache.set_defaults(func=cmd_cache)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from mlsae_lens.pipeline import run_demo
 
@@ -94,6 +116,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         save_every_tokens=args.save_every_tokens,
         resume=args.resume,
         overwrite=args.overwrite,
+        top_contexts=args.top_contexts,
+        top_n=args.top_n,
     )
     analyze_run(Path(args.run_dir), options, device=resolve_device(args.device))
     print(f"report: {Path(args.run_dir) / 'report.html'}")
@@ -103,6 +127,116 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from mlsae_lens.analyze import compare_runs
 
     print(f"report: {compare_runs(args.runs, args.output)}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from mlsae_lens.evals import EvalOptions, comparison_table, evaluate_run, format_table
+    from mlsae_lens.training import resolve_device
+
+    options = EvalOptions(
+        tokens=args.tokens,
+        downstream_tokens=args.downstream_tokens,
+        baselines=tuple(dict.fromkeys(args.baseline or [])),
+        layers=args.layers,
+        batch_size=args.batch_size,
+        baseline_training_tokens=args.baseline_training_tokens,
+        retrain_baselines=args.retrain_baselines,
+    )
+    data = evaluate_run(Path(args.run_dir), options, device=resolve_device(args.device))
+    print(format_table(comparison_table(data)))
+    print(f"eval: {Path(args.run_dir) / 'eval.json'}\nreport: {Path(args.run_dir) / 'report.html'}")
+
+
+def add_eval_parser(sub: Any) -> None:
+    from mlsae_lens.baselines import BASELINES
+
+    ev = sub.add_parser(
+        "eval", help="per-layer reconstruction and downstream-loss metrics, against baselines",
+        description="Evaluate a run on its held-out test split, layer by layer: FVU, MSE, L0, L1, dead "
+        "fraction, firing-frequency histogram, and the next-token CE increase / KL(clean || spliced) / "
+        "loss recovered when each layer's reconstruction is spliced into hook_resid_post. Baselines on "
+        "the same tokens: rank-k PCA per layer (pca) and one SAELens TopK SAE per layer trained like the "
+        "MLSAE (saelens-per-layer; saved under RUN_DIR/baselines/). Writes eval.json and report.html.")
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output-dir")
+    ev.add_argument("--tokens", type=int_with_underscores, default=4096,
+                    help="valid test tokens for the reconstruction metrics (default: %(default)s)")
+    ev.add_argument("--downstream-tokens", type=int_with_underscores, default=1024,
+                    help="valid test tokens for the spliced CE/KL metrics, capped at --tokens; 0 skips "
+                    "them (default: %(default)s)")
+    ev.add_argument("--baseline", action="append", choices=list(BASELINES),
+                    help="add a baseline (repeatable): pca, saelens-per-layer")
+    ev.add_argument("--layers", default="all", help="'all' or layer indices like 0,5,10 (default: %(default)s)")
+    ev.add_argument("--batch-size", type=int_with_underscores, default=None,
+                    help="contexts per model forward pass (default: the run's --model-batch-size)")
+    ev.add_argument("--baseline-training-tokens", type=int_with_underscores, default=None,
+                    help="training tokens per per-layer SAE (default: the MLSAE's --training-tokens)")
+    ev.add_argument("--retrain-baselines", action="store_true",
+                    help="train the per-layer SAEs again even if RUN_DIR holds matching ones")
+    ev.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
+    ev.set_defaults(func=cmd_eval)
+
+
+def cmd_train_lens(args: argparse.Namespace) -> None:
+    from mlsae_lens.data import load_token_splits
+    from mlsae_lens.lens import LensTrainingConfig, format_lens_eval, train_lens_for_run
+    from mlsae_lens.models import load_model
+    from mlsae_lens.training import resolve_device
+
+    cfg = LensTrainingConfig(
+        steps=args.steps, tokens_per_step=args.tokens_per_step, pool_tokens=args.pool_tokens,
+        eval_tokens=args.eval_tokens, lr_scale=args.lr_scale, momentum=args.momentum,
+        weight_decay=args.weight_decay, model_batch_size=args.model_batch_size, seed=args.seed,
+    )
+    model = load_model(args.model, device=resolve_device(args.device))
+    splits = load_token_splits(
+        args.dataset, tokenizer=model.tokenizer, context_size=args.context_size,
+        test_fraction=args.test_fraction, max_tokens=args.max_corpus_tokens, seed=args.seed,
+        text_column=args.text_column,
+    )
+    output = args.output or f"runs/lens-{Path(args.model).name}"
+    _, rows = train_lens_for_run(model, splits, output, cfg, overwrite=args.overwrite)
+    print(format_lens_eval(rows))
+    print(f"lens: {output} (use it with mlsae-lens train --tuned-lens {output})")
+
+
+def add_train_lens_parser(sub: Any) -> None:
+    from mlsae_lens.lens import LensTrainingConfig
+
+    defaults, run = LensTrainingConfig(), MultiLayerRunnerConfig()
+    tl = sub.add_parser(
+        "train-lens", help="train a tuned lens (tuned-lens' TunedLens and KL objective) for --tuned-lens",
+        description="Train a tuned lens on the corpus' train split: tuned-lens' TunedLens module, "
+        "KL(final logits || lens logits) per layer, SGD with Nesterov momentum, linear decay, grad "
+        "clipping. Each step samples --tokens-per-step positions from --pool-tokens harvested "
+        "train tokens. Writes params.pt + config.json (tuned-lens' format, readable by "
+        "TunedLens.from_model_and_pretrained) and lens_eval.json (test-split KL per layer, tuned vs "
+        "logit lens) into --output.")
+    tl.add_argument("model", nargs="?", default=run.model_name, metavar="MODEL",
+                    help="model name, as for train (default: %(default)s)")
+    tl.add_argument("--output", default=None, metavar="DIR", help="lens directory (default: runs/lens-MODEL)")
+    tl.add_argument("--overwrite", action="store_true", help="replace a lens already in --output")
+    for name, kind in (("steps", int), ("tokens_per_step", int), ("pool_tokens", int), ("eval_tokens", int),
+                       ("lr_scale", float), ("momentum", float), ("weight_decay", float),
+                       ("model_batch_size", int), ("seed", int)):
+        tl.add_argument("--" + name.replace("_", "-"), type=int_with_underscores if kind is int else kind,
+                        default=getattr(defaults, name), help="(default: %(default)s)")
+    for name in ("dataset", "text_column", "context_size", "test_fraction", "max_corpus_tokens"):
+        f = next(f for f in dataclasses.fields(MultiLayerRunnerConfig) if f.name == name)
+        kind = {"context_size": int_with_underscores, "max_corpus_tokens": int_with_underscores,
+                "test_fraction": float}.get(name, str)
+        tl.add_argument("--" + name.replace("_", "-"), type=kind, default=f.default,
+                        help=f.metadata["help"] + " (default: %(default)s)")
+    tl.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
+    tl.set_defaults(func=cmd_train_lens)
+
+
+def cmd_explore(args: argparse.Namespace) -> None:
+    from mlsae_lens.explorer import explore_run, serve
+
+    path = explore_run(Path(args.run_dir), args.output, args.max_latents, args.contexts_per_layer)
+    print(f"explorer: {path}")
+    if args.serve:
+        serve(path, args.port)
 
 
 def add_analyze_parsers(sub: Any) -> None:
@@ -132,6 +266,11 @@ def add_analyze_parsers(sub: Any) -> None:
                          help="save stats.safetensors every N tokens (default: %(default)s)")
     analyze.add_argument("--resume", action="store_true", help="continue a partial analysis in RUN_DIR")
     analyze.add_argument("--overwrite", action="store_true", help="discard a partial analysis and start over")
+    analyze.add_argument("--top-contexts", action=argparse.BooleanOptionalAction, default=None,
+                         help="collect every latent's top tokens per layer for `mlsae-lens explore` "
+                         "(top_contexts.safetensors) (default: on when --tokens <= 1M)")
+    analyze.add_argument("--top-n", type=int_with_underscores, default=defaults.top_n,
+                         help="tokens kept per latent and layer by --top-contexts (default: %(default)s)")
     analyze.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
     analyze.set_defaults(func=cmd_analyze)
 
@@ -142,6 +281,25 @@ def add_analyze_parsers(sub: Any) -> None:
     compare.add_argument("runs", nargs="+", metavar="RUN", help="analysed run directories")
     compare.add_argument("--output", required=True, metavar="FILE.html", help="where to write the HTML")
     compare.set_defaults(func=cmd_compare)
+
+    explore = sub.add_parser(
+        "explore", help="browse each latent's top contexts per layer in one offline HTML page",
+        description="Write a self-contained HTML explorer of an analysed run (needs the "
+        "top_contexts.safetensors of `mlsae-lens analyze`): latents sorted by E[L|J], each with "
+        "P(L|J), its activation frequency, top contexts per layer, decoder logit lens and "
+        "co-appearing latents. Opens from a file:// URL with no network.")
+    explore.add_argument("run_dir", metavar="RUN_DIR", help="an analysed run directory")
+    explore.add_argument("--output", default=None, metavar="FILE.html",
+                         help="where to write the page (default: RUN_DIR/explore.html)")
+    explore.add_argument("--max-latents", type=int_with_underscores, default=2000,
+                         help="cards for at most this many latents, the most frequently active "
+                         "(default: %(default)s)")
+    explore.add_argument("--contexts-per-layer", type=int_with_underscores, default=8,
+                         help="top contexts per layer on the page (default: %(default)s)")
+    explore.add_argument("--serve", action="store_true",
+                         help="then serve the page on http://127.0.0.1:PORT/ until Ctrl-C")
+    explore.add_argument("--port", type=int, default=8000, help="port of --serve (default: %(default)s)")
+    explore.set_defaults(func=cmd_explore)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="held-out tokens for the evaluation and the analysis (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
     add_analyze_parsers(sub)
+    add_eval_parser(sub)
+    add_cache_parser(sub)
+    add_train_lens_parser(sub)
     return parser
 
 

@@ -38,6 +38,12 @@ class MultiLayerRunnerConfig:
     max_corpus_tokens: int | None = option(
         None, "read at most this many corpus tokens (default: all of a local corpus)"
     )
+    tuned_lens: str | None = option(
+        None,
+        "tuned-lens translators applied to every layer before the encoder (paper §4.4): a lens "
+        "directory (params.pt + config.json, e.g. from `mlsae-lens train-lens`), 'pretrained' "
+        "(tuned-lens' lens for this model; needs the hub) or a tuned-lens resource id",
+    )
     expansion_factor: int = option(
         8, "R: the SAE has R * d_model latents (the paper uses 64; 8 keeps CPU runs short)"
     )
@@ -83,6 +89,11 @@ class MultiLayerRunnerConfig:
     device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
     log_to_wandb: bool = option(False, "log metrics to Weights & Biases (off by default)")
     wandb_project: str = option("mlsae-lens", "Weights & Biases project")
+    activation_cache: str | None = option(
+        None,
+        "read activations from a directory written by `mlsae-lens cache` instead of running the "
+        "model (its model, layers and corpus must match this run's)",
+    )
 
     def __post_init__(self) -> None:
         checks = [
@@ -108,6 +119,10 @@ class MultiLayerRunnerConfig:
             (
                 self.lr_decay in ("none", "linear", "cosine"),
                 f"--lr-decay must be none, linear or cosine, got {self.lr_decay!r}",
+            ),
+            (
+                self.tuned_lens is None or bool(self.tuned_lens.strip()),
+                "--tuned-lens must name a lens directory, 'pretrained' or a resource id; got ''",
             ),
         ]
         for ok, message in checks:

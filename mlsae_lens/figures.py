@@ -331,3 +331,76 @@ def variance_ratio_figure(ratios: Mapping[str, Mapping[str, float | None]]) -> g
         xaxis_title="MLSAE",
     )
     return fig
+
+
+# ---------------------------------------------------------------------- evaluation
+
+EVAL_PLOT_METRICS = (
+    ("fvu", "FVU"),
+    ("delta_ce", "Δ CE (nats)"),
+    ("kl_div_with_sae", "KL(clean ‖ spliced)"),
+    ("ce_loss_score", "CE loss recovered"),
+    ("l0", "L0"),
+)
+
+
+def eval_metrics_figure(methods: Mapping[str, Mapping], layers: Sequence[int], n_layers: int) -> go.Figure:
+    """Each evaluation metric against the relative layer (l + 1) / n_layers, one line per method.
+
+    ``methods`` maps a method key to its eval.json entry (``label`` and ``per_layer`` lists over
+    ``layers``); metrics no method has are left out.
+    """
+    metrics = [
+        (key, title)
+        for key, title in EVAL_PLOT_METRICS
+        if any(key in m["per_layer"] for m in methods.values())
+    ]
+    fig = make_subplots(rows=len(metrics), cols=1, shared_xaxes=True, vertical_spacing=0.04,
+                        subplot_titles=[title for _, title in metrics])
+    x = [(layer + 1) / n_layers for layer in layers]
+    for i, (name, method) in enumerate(methods.items()):
+        for row, (key, _) in enumerate(metrics, start=1):
+            values = method["per_layer"].get(key)
+            if values is None:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=[np.nan if v is None else v for v in values],
+                    mode="lines+markers",
+                    name=method["label"],
+                    legendgroup=name,
+                    showlegend=row == 1,
+                    line={"color": _color(i)},
+                    customdata=list(layers),
+                    hovertemplate=f"{method['label']}<br>layer %{{customdata}}<br>{key} %{{y:.4g}}<extra></extra>",
+                ),
+                row=row,
+                col=1,
+            )
+    fig.update_layout(title="Evaluation per layer (test split)", height=260 * len(metrics) + 80,
+                      legend={"orientation": "h", "y": -0.05})
+    fig.update_xaxes(title_text="relative layer (l + 1) / n_layers", row=len(metrics), col=1)
+    return fig
+
+
+def frequency_histogram_figure(histograms: Mapping[str, Mapping]) -> go.Figure:
+    """Histogram of log10 latent firing frequency per method (from eval.json's
+    ``frequency_histogram``: bin edges, counts, and the never-active latents in the legend)."""
+    fig = go.Figure()
+    for i, (label, hist) in enumerate(histograms.items()):
+        edges = hist["log10_edges"]
+        centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        fig.add_trace(
+            go.Bar(
+                x=centers,
+                y=hist["counts"],
+                name=f"{label} ({hist['never_active']} of {hist['n_latents']} never active)",
+                marker={"color": _color(i)},
+                opacity=0.6,
+            )
+        )
+    fig.update_layout(title="Latent firing frequency", barmode="overlay",
+                      xaxis_title="log10 firing frequency (per vector)", yaxis_title="latents",
+                      legend={"orientation": "h", "y": -0.2})
+    return fig

@@ -194,18 +194,23 @@ class LayerViewSAE(TopKSAE):
     def _setup_activation_normalization(self) -> None:
         """Nothing to set up: the two ``run_time_activation_norm_fn_*`` methods below are ours."""
 
-    def to_shared_space(self, x: Tensor) -> Tensor:
-        """Map this layer's residual vectors into the space the MLSAE's dictionary reads.
+    @property
+    def has_tuned_lens(self) -> bool:
+        """Whether the MLSAE behind this view translates its inputs with a tuned lens."""
+        return self.mlsae is not None and bool(getattr(self.mlsae.cfg, "tuned_lens", False))
 
-        Identity today. Extension point for issue 6 (tuned-lens translators): compose layer
-        ``cfg.layer``'s translator here and its inverse in :meth:`from_shared_space`, and
-        teach :meth:`to_topk_sae` (refuse, or fold an affine translator into the weights).
-        """
-        return x
+    def to_shared_space(self, x: Tensor) -> Tensor:
+        """Map this layer's residual vectors into the space the MLSAE's dictionary reads: the
+        MLSAE's tuned-lens translator of layer ``cfg.layer`` (identity without a tuned lens)."""
+        if not self.has_tuned_lens:
+            return x
+        return self.mlsae.to_lens_basis(x, layer=self.cfg.layer)  # type: ignore[union-attr]
 
     def from_shared_space(self, x: Tensor) -> Tensor:
-        """Inverse of :meth:`to_shared_space` (identity today)."""
-        return x
+        """Exact inverse of :meth:`to_shared_space` (a cached LU solve of ``I + W_l``)."""
+        if not self.has_tuned_lens:
+            return x
+        return self.mlsae.from_lens_basis(x, layer=self.cfg.layer)  # type: ignore[union-attr]
 
     def norm_stats(self, x: Tensor) -> NormStats:
         """The MLSAE's normalization map at this layer for residual vectors ``x``."""
@@ -257,9 +262,18 @@ class LayerViewSAE(TopKSAE):
             exact: refuse modes that SAELens can only approximate (``standardize``).
 
         Raises:
-            MLSAEError: ``exact`` and the normalization is ``standardize``.
+            MLSAEError: ``exact`` and the normalization is ``standardize``; or the MLSAE has a
+                tuned lens (refused in every mode, for one rule: the affine translator could be
+                folded into the weights for ``none``/``center``, but not under ``standardize``).
         """
         mode = self.cfg.normalization
+        if self.has_tuned_lens:
+            raise MLSAEError(
+                "this layer of a tuned-lens MLSAE cannot be exported to plain SAELens: its "
+                "translator runs before the normalization, which SAELens' TopK SAE cannot express; "
+                "use the layer view itself (it works with HookedSAETransformer) or an MLSAE "
+                "trained without --tuned-lens"
+            )
         if mode not in EXACT_EXPORT_MODES:
             if exact:
                 raise MLSAEError(

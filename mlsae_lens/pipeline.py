@@ -13,15 +13,18 @@ from typing import Any
 from sae_lens import SAE
 from transformer_lens import HookedTransformer
 
-from mlsae_lens.checkpoint import atomic_write_json
+from mlsae_lens.checkpoint import check_not_pickle, refuse_pickles_instead_of_weights
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
-from mlsae_lens.evals import ReconstructionResult, evaluate_reconstruction
+from mlsae_lens.evals import ReconstructionResult
 from mlsae_lens.figures import per_layer_fvu_figure
 from mlsae_lens.report import ReportSection
 from mlsae_lens.sae import MultiLayerSAE
 
 logger = logging.getLogger(__name__)
+
+DEMO_DOWNSTREAM_TOKENS = 256
+"""Test tokens of the demo's spliced CE/KL metrics (every layer spliced in turn)."""
 
 
 @dataclass
@@ -39,8 +42,11 @@ class LoadedRun:
 def load_sae(path: Path, device: str = "cpu") -> MultiLayerSAE:
     """``SAE.load_from_disk`` with clear messages for the usual ways it goes wrong."""
     path = Path(path)
-    cfg_file = path / "cfg.json"
-    if not cfg_file.exists() or not (path / "sae_weights.safetensors").exists():
+    cfg_file, weights_file = path / "cfg.json", path / "sae_weights.safetensors"
+    if not weights_file.exists():
+        refuse_pickles_instead_of_weights(path)
+    check_not_pickle(weights_file)  # safetensors would only call a pickle "corrupted"
+    if not cfg_file.exists() or not weights_file.exists():
         raise MLSAEError(f"{path} holds no SAE (cfg.json + sae_weights.safetensors); pass a run directory")
     try:
         architecture = json.loads(cfg_file.read_text()).get("architecture")
@@ -113,19 +119,27 @@ def run_demo(cfg: MultiLayerRunnerConfig, eval_tokens: int = 4096) -> Path:
     steps saved (``build_run_report``), so ``mlsae-lens analyze`` can redraw it later.
     """
     from mlsae_lens.analyze import AnalysisOptions, analyze_run, build_run_report
-    from mlsae_lens.data import special_token_mask
+    from mlsae_lens.baselines import PCA
+    from mlsae_lens.evals import EvalOptions, evaluate_run
     from mlsae_lens.training import MultiLayerSAETrainingRunner
 
     runner = MultiLayerSAETrainingRunner(cfg)
     sae = runner.run()
-    sae.eval()
-    test_mask = special_token_mask(runner.splits.test, runner.model.tokenizer)
-    result = evaluate_reconstruction(
-        sae, runner.model, runner.splits.test, test_mask, max_tokens=eval_tokens,
-        model_batch_size=cfg.model_batch_size,
+    # Downstream metrics splice every layer: 30 partial forwards per batch and method on the
+    # embedded model, so they read at most DEMO_DOWNSTREAM_TOKENS tokens to stay CPU-sized.
+    metrics = evaluate_run(
+        runner.out,
+        EvalOptions(
+            tokens=eval_tokens,
+            downstream_tokens=min(eval_tokens, DEMO_DOWNSTREAM_TOKENS),
+            baselines=(PCA,),
+            batch_size=cfg.model_batch_size,
+        ),
+        model=runner.model,
+        splits=runner.splits,
+        device=runner.device,
+        report=False,
     )
-    metrics = result.to_dict()
-    atomic_write_json(runner.out / "eval.json", metrics)
     logger.info(
         "test FVU (mean over %d layers): MLSAE %.4f vs PCA rank-%d %.4f",
         sae.cfg.n_layers, metrics["mean_fvu"], sae.cfg.k, metrics.get("pca_mean_fvu", float("nan")),

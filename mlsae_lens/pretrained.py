@@ -27,6 +27,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from mlsae_lens.checkpoint import check_not_pickle, refuse_pickles_instead_of_weights
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.sae import ARCHITECTURE, MultiLayerSAE
 
@@ -108,6 +109,9 @@ def read_reference_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     """``config.json`` + ``model.safetensors`` of a downloaded reference checkpoint."""
     path = Path(path)
     config_file, weights_file = path / "config.json", path / "model.safetensors"
+    if not weights_file.exists():
+        refuse_pickles_instead_of_weights(path)  # e.g. a pytorch_model.bin
+    check_not_pickle(weights_file)
     for file in (config_file, weights_file):
         if not file.is_file():
             raise MLSAEError(f"{path} is not a reference MLSAE checkpoint: {file.name} is missing")

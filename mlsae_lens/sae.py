@@ -8,13 +8,22 @@ Inputs carry the layer axis second to last: ``[..., n_layers, d_in]``. Each (tok
 vector is a separate example for the same dictionary; only the normalization (``center``
 mode) knows which layer a vector came from.
 
-The forward pass reads top to bottom: normalize → subtract the pre-encoder bias ``b_dec`` →
-encode → top-k → ReLU → decode (a sparse gather of k decoder rows) → add ``b_dec`` →
-un-normalize.
+The forward pass reads top to bottom: (tuned lens) → normalize → subtract the pre-encoder bias
+``b_dec`` → encode → top-k → ReLU → decode (a sparse gather of k decoder rows) → add ``b_dec`` →
+un-normalize → (inverse tuned lens).
+
+Tuned lens (``cfg.tuned_lens``, paper §4.4): each layer's vector first goes through that layer's
+frozen affine translator ``y = (I + W_l) x + b_l`` (buffers ``lens_weight`` ``[n_layers, d, d]``
+and ``lens_bias`` ``[n_layers, d]``, see :mod:`mlsae_lens.lens` for which tuned-lens translator
+sits at which layer). The SAE's dictionary, its normalization, ``encode_topk`` and the loss all
+live in this *lens basis*; :meth:`MultiLayerMixin.reconstruct` (default ``basis="model"``),
+SAELens' ``decode``/``forward`` and :meth:`MultiLayerMixin.from_normalized` map reconstructions
+back to the model's own basis with the exact inverse ``(I + W_l)^-1 (y - b_l)`` (a cached LU
+factorization), so they can be spliced into the model.
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,6 +59,9 @@ class MultiLayerFields:
     """Number of residual-stream layers the SAE reads (``blocks.{l}.hook_resid_post``)."""
     normalization: NormalizationMode = "standardize"
     """Input normalization: ``standardize`` (per vector), ``center`` (per-layer dataset mean) or ``none``."""
+    tuned_lens: bool = False
+    """Apply frozen per-layer affine translators (buffers ``lens_weight``/``lens_bias``) before
+    the normalization, and their exact inverse to reconstructions (paper §4.4)."""
 
     def validate_multilayer(self, d_in: int, d_sae: int) -> None:
         """Raise :class:`MLSAEError` with the fix for impossible sizes."""
@@ -120,7 +132,14 @@ class TopKOutput(NamedTuple):
     indices: Tensor  # [..., n_layers, k]
 
 
+Basis = Literal["model", "lens"]
+"""Where a reconstruction lives: the model's residual stream (``model``, what splicing needs) or
+the tuned lens' basis the SAE reads (``lens``; the same as ``model`` without a tuned lens)."""
+
+
 class EncodeOutput(NamedTuple):
+    """``norm_stats`` and ``sae_in_normalized`` are in the (normalized) lens basis."""
+
     topk: TopKOutput
     norm_stats: NormStats
     sae_in_normalized: Tensor
@@ -174,6 +193,91 @@ class MultiLayerMixin:
             torch.zeros(self.cfg.n_layers, d_in, dtype=self.dtype, device=device),
             persistent=True,
         )
+        if self.cfg.tuned_lens:
+            # Persistent buffers (frozen, saved with the SAE); zeros = the identity translator.
+            n, d = self.cfg.n_layers, d_in
+            self.register_buffer(  # type: ignore[attr-defined]
+                "lens_weight", torch.zeros(n, d, d, dtype=self.dtype, device=device), persistent=True
+            )
+            self.register_buffer(  # type: ignore[attr-defined]
+                "lens_bias", torch.zeros(n, d, dtype=self.dtype, device=device), persistent=True
+            )
+
+    @torch.no_grad()
+    def set_tuned_lens(self, weight: Tensor, bias: Tensor) -> None:
+        """Copy per-layer translators ``y = x + weight[l] @ x + bias[l]`` into the buffers.
+
+        Raises:
+            MLSAEError: the SAE was not configured with ``tuned_lens=True`` or shapes differ.
+        """
+        if not self.cfg.tuned_lens:
+            raise MLSAEError("this MLSAE has no tuned lens; build it with tuned_lens=True")
+        n, d = self.cfg.n_layers, self.cfg.d_in
+        if tuple(weight.shape) != (n, d, d) or tuple(bias.shape) != (n, d):
+            raise MLSAEError(
+                f"tuned-lens translators of shape {list(weight.shape)} / {list(bias.shape)} do not "
+                f"fit this MLSAE ([{n}, {d}, {d}] / [{n}, {d}]); is the lens for this model?"
+            )
+        self.lens_weight.copy_(weight)
+        self.lens_bias.copy_(bias)
+
+    def to_lens_basis(self, x: Tensor, layer: int | None = None) -> Tensor:
+        """Apply the tuned-lens translators: ``x + W_l x + b_l`` (identity without a lens).
+
+        Args:
+            x: ``[..., n_layers, d_in]`` vectors, or ``[..., d_in]`` vectors of ``layer``.
+            layer: translate every vector with this one layer's translator.
+        """
+        if not self.cfg.tuned_lens:
+            return x
+        weight, bias = self.lens_weight.to(x.dtype), self.lens_bias.to(x.dtype)
+        if layer is not None:
+            return x + x @ weight[layer].T + bias[layer]
+        return x + torch.einsum("...li,loi->...lo", x, weight) + bias
+
+    def _lens_lu(self) -> tuple[Tensor, Tensor]:
+        """LU factorization (float64) of every ``I + W_l``, cached until the buffer changes."""
+        weight = self.lens_weight
+        try:
+            version: int | None = weight._version
+        except RuntimeError:  # inference tensors carry no version counter
+            version = None
+        key = (weight.data_ptr(), version, weight.device)
+        cached = self.__dict__.get("_lens_lu_cache")
+        if cached is None or cached[0] != key or version is None:
+            eye = torch.eye(self.cfg.d_in, dtype=torch.float64, device=weight.device)
+            LU, pivots = torch.linalg.lu_factor(eye + weight.detach().double())
+            cached = (key, LU, pivots)
+            self.__dict__["_lens_lu_cache"] = cached
+        return cached[1], cached[2]
+
+    def from_lens_basis(self, y: Tensor, layer: int | None = None, linear_only: bool = False) -> Tensor:
+        """Exact inverse of :meth:`to_lens_basis`: ``(I + W_l)^-1 (y - b_l)`` by a linear solve.
+
+        Solved in float64 with the full matrix (not the diagonal approximation of the reference
+        code) and cast back to ``y``'s dtype.
+
+        Args:
+            y: ``[..., n_layers, d_in]`` vectors, or ``[..., d_in]`` vectors of ``layer``.
+            layer: invert this one layer's translator for every vector.
+            linear_only: invert the linear part only, ``(I + W_l)^-1 y`` (for directions and
+                differences, e.g. steering deltas).
+        """
+        if not self.cfg.tuned_lens:
+            return y
+        LU, pivots = self._lens_lu()
+        z = y.double()
+        if not linear_only:
+            bias = self.lens_bias.double()
+            z = z - (bias[layer] if layer is not None else bias)
+        if layer is not None:
+            flat = z.reshape(-1, z.shape[-1]).T  # [d, N]
+            x = torch.linalg.lu_solve(LU[layer], pivots[layer], flat).T.reshape(z.shape)
+        else:
+            n, d = z.shape[-2], z.shape[-1]
+            flat = z.reshape(-1, n, d).permute(1, 2, 0)  # [n_layers, d, N]
+            x = torch.linalg.lu_solve(LU, pivots, flat).permute(2, 0, 1).reshape(z.shape)
+        return x.to(y.dtype)
 
     def check_input(self, x: Tensor) -> None:
         """One clear message when the activations do not fit this SAE."""
@@ -186,7 +290,18 @@ class MultiLayerMixin:
             )
 
     def normalize_input(self, x: Tensor) -> tuple[Tensor, NormStats]:
-        return normalize(x.to(self.dtype), self.cfg.normalization, self.layer_means)
+        """Model-basis vectors → the normalized lens basis the dictionary reads (the tuned lens,
+        if any, then the normalization). The returned stats map back to the *lens* basis."""
+        return normalize(self.to_lens_basis(x.to(self.dtype)), self.cfg.normalization, self.layer_means)
+
+    def from_normalized(self, x_norm: Tensor, stats: NormStats, basis: Basis = "model") -> Tensor:
+        """Undo :meth:`normalize_input`: de-normalize, then (``basis="model"``) invert the lens.
+
+        Use it on ``decode_topk_normalized(...)`` (or any reconstruction in the normalized
+        space) to get vectors that can be spliced back into the model.
+        """
+        out = denormalize(x_norm, stats)
+        return self.from_lens_basis(out) if basis == "model" else out
 
     dense: bool = False
     """Reference switch: train through plain autograd (dense backward through ``topk``) instead
@@ -226,10 +341,18 @@ class MultiLayerMixin:
             decode_topk_rows(topk.values, topk.indices, self.W_dec) + self.b_dec
         )
 
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Encode and decode ``x`` back into the residual stream's own scale."""
+    def reconstruct(self, x: Tensor, basis: Basis = "model") -> Tensor:
+        """Encode and decode model-basis ``x`` back into the residual stream's own scale.
+
+        Args:
+            x: ``[..., n_layers, d_in]`` residual vectors in the model's basis.
+            basis: ``model`` (default; the inverse tuned lens is applied, ready for splicing)
+                or ``lens`` (the reconstruction of ``to_lens_basis(x)``, what the loss compares).
+        """
+        if basis not in ("model", "lens"):
+            raise MLSAEError(f"basis must be 'model' or 'lens', got {basis!r}")
         out = self.encode_full(x)
-        return denormalize(self.decode_topk_normalized(out.topk), out.norm_stats)
+        return self.from_normalized(self.decode_topk_normalized(out.topk), out.norm_stats, basis)
 
     def layer_view(self, layer: int) -> "LayerViewSAE":
         """Layer ``layer`` as an ordinary single-hook SAELens SAE sharing these weights.
@@ -248,7 +371,7 @@ class MultiLayerMixin:
         return self.hook_sae_acts_post(scatter_topk(out.topk, self.cfg.d_sae))
 
     def dense_decode(self, feature_acts: Tensor) -> Tensor:
-        """SAELens' dense ``decode``: back to the residual stream's scale.
+        """SAELens' dense ``decode``: back to the residual stream's scale (and model basis).
 
         ``standardize`` needs each vector's own mean and std, which only ``encode`` saw, so
         ``decode`` uses the statistics remembered by the last ``encode`` (as SAELens' own
@@ -263,9 +386,9 @@ class MultiLayerMixin:
                     "of the matching encode() call; use sae(x) or sae.reconstruct(x) instead"
                 )
             self._pending_norm_stats = None
-            return denormalize(x_norm, stats)
+            return self.from_normalized(x_norm, stats)
         stats = normalize(x_norm, self.cfg.normalization, self.layer_means)[1]
-        return denormalize(x_norm, stats)
+        return self.from_normalized(x_norm, stats)
 
     # SAELens' API, shared by both classes (the mixin precedes the SAELens base in the MRO).
     def encode(self, x: Tensor) -> Tensor:
@@ -445,7 +568,7 @@ class MultiLayerTrainingSAE(MultiLayerMixin, TrainingSAE[MultiLayerTrainingSAECo
         )
         return MultiLayerTrainStepOutput(
             sae_in=sae_in,
-            sae_out=denormalize(recon, norm_stats),
+            sae_out=self.from_normalized(recon, norm_stats),
             feature_acts=feature_acts,
             hidden_pre=x_norm.new_empty(0),
             loss=loss,

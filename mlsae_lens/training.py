@@ -33,15 +33,27 @@ from mlsae_lens.activations import (
     resid_post_hook_names,
 )
 from mlsae_lens.checkpoint import (
+    acquire_run_lock,
     atomic_save_sae,
     atomic_write_json,
     list_checkpoints,
     optimizer_from_tensors,
     optimizer_to_tensors,
     read_checkpoint,
+    release_run_lock,
     write_checkpoint,
 )
 from mlsae_lens.config import RESUMABLE_FIELDS, MultiLayerRunnerConfig
+from mlsae_lens.distributed import (
+    ShardedActivationStream,
+    all_reduce_gradients_,
+    global_loss_denominators,
+    is_main,
+    local_rows,
+    maybe_all_reduce_,
+    maybe_init_distributed,
+    rank_device,
+)
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.sae import MultiLayerTrainingSAE, MultiLayerTrainingSAEConfig
 
@@ -144,25 +156,34 @@ class MultiLayerSAETrainingRunner:
         from mlsae_lens.models import load_model
 
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        self.out = prepare_output_dir(cfg)
+        # Under torchrun: join the process group; rank 0 alone checks and writes the run dir.
+        self.dist = maybe_init_distributed(resolve_device(cfg.device))
+        self.device = rank_device(resolve_device(cfg.device), self.dist)
+        self.out = prepare_output_dir(cfg) if self.dist.rank == 0 else Path(cfg.output_dir)
         self.model = model if model is not None else load_model(cfg.model_name, device=self.device)
         self.splits = splits if splits is not None else cfg.load_token_splits(self.model.tokenizer)
         self.special_mask = special_token_mask(self.splits.train, self.model.tokenizer)
-        self.stream = ActivationStream(
-            self.model,
-            self.splits.train,
-            self.special_mask,
-            ActivationStreamConfig(
-                contexts_per_chunk=cfg.contexts_per_chunk,
-                batch_size_tokens=cfg.batch_size_tokens,
-                model_batch_size=cfg.model_batch_size,
-                seed=cfg.seed,
-            ),
-            device=self.device,
+        stream_cfg = ActivationStreamConfig(
+            contexts_per_chunk=cfg.contexts_per_chunk,
+            batch_size_tokens=cfg.batch_size_tokens,
+            model_batch_size=cfg.model_batch_size,
+            seed=cfg.seed,
         )
+        if cfg.activation_cache is not None:
+            from mlsae_lens.activation_cache import CachedActivationStream
+
+            self.stream: ActivationStream = CachedActivationStream.for_run(
+                cfg, self.model, self.splits.train, self.special_mask, stream_cfg, self.device
+            )
+        else:
+            stream_cls = ShardedActivationStream if self.dist.enabled else ActivationStream
+            self.stream = stream_cls(self.model, self.splits.train, self.special_mask, stream_cfg, device=self.device)
+        # Before seeding: building a tuned lens draws (discarded) nn.Linear inits.
+        lens = self.load_tuned_lens()
         torch.manual_seed(cfg.seed)
         self.sae = MultiLayerTrainingSAE(self.sae_config()).to(self.device)
+        if lens is not None:
+            self.sae.set_tuned_lens(*lens)  # frozen buffers, saved with the SAE
         self.optimizer = torch.optim.Adam(
             self.sae.parameters(),
             lr=cfg.lr,
@@ -180,6 +201,16 @@ class MultiLayerSAETrainingRunner:
         self.state = TrainingState()
         self._stop_signal: int | None = None
 
+    def load_tuned_lens(self) -> tuple[Tensor, Tensor] | None:
+        """The ``--tuned-lens`` translators per MLSAE layer (see :mod:`mlsae_lens.lens`)."""
+        if self.cfg.tuned_lens is None:
+            return None
+        from mlsae_lens.lens import load_lens, resid_post_translators
+
+        lens = load_lens(self.cfg.tuned_lens, self.model)
+        logger.info("tuned lens from %s applied before the encoder", self.cfg.tuned_lens)
+        return resid_post_translators(lens)
+
     def sae_config(self) -> MultiLayerTrainingSAEConfig:
         mcfg = self.model.cfg
         return MultiLayerTrainingSAEConfig(
@@ -188,6 +219,7 @@ class MultiLayerSAETrainingRunner:
             k=self.cfg.k,
             n_layers=mcfg.n_layers,
             normalization=self.cfg.normalization,
+            tuned_lens=self.cfg.tuned_lens is not None,
             aux_k=self.cfg.aux_k,
             aux_coefficient=self.cfg.aux_coefficient,
             device=self.device,
@@ -198,12 +230,15 @@ class MultiLayerSAETrainingRunner:
                 context_size=self.cfg.context_size,
                 prepend_bos=False,
                 dataset_path=self.cfg.dataset,
+                **({"tuned_lens_source": self.cfg.tuned_lens} if self.cfg.tuned_lens else {}),
             ),
         )
 
     # ---- checkpoints -------------------------------------------------------------------
 
     def checkpoint(self) -> Path:
+        if not is_main():  # rank 0 writes; the others hold identical state
+            return self.out / "checkpoints" / f"tokens_{self.state.tokens:012d}"
         tensors, plain = optimizer_to_tensors(self.optimizer)
         tensors["tokens_since_fired"] = self.tokens_since_fired.cpu()
         tensors["torch_rng_state"] = torch.get_rng_state()
@@ -239,29 +274,40 @@ class MultiLayerSAETrainingRunner:
 
     def initialize(self, first_batch: Tensor) -> None:
         if self.cfg.normalization == "center":
-            self.sae.layer_means.copy_(
-                estimate_layer_means(
-                    self.model,
-                    self.splits.train,
-                    self.special_mask,
-                    self.cfg.center_estimation_tokens,
-                    self.cfg.model_batch_size,
-                ).to(self.device)
-            )
+            means = estimate_layer_means(
+                self.model,
+                self.splits.train,
+                self.special_mask,
+                self.cfg.center_estimation_tokens,
+                self.cfg.model_batch_size,
+            ).to(self.device)
+            # The means live where they are subtracted: in the lens basis (the lens is affine,
+            # so the mean of translated vectors is the translated mean).
+            self.sae.layer_means.copy_(self.sae.to_lens_basis(means.to(self.sae.dtype)))
         self.sae.initialize_b_dec_with_geometric_median(first_batch)
 
     def step(self, batch: Tensor) -> dict[str, float]:
         dead_mask = self.tokens_since_fired >= self.cfg.effective_dead_tokens_threshold
-        out = self.sae.training_forward_pass(
-            TrainStepInput(
-                sae_in=batch,
-                coefficients={},
-                dead_neuron_mask=dead_mask,
-                n_training_steps=self.state.step,
-                is_logging_step=False,
+        with global_loss_denominators():  # under torchrun: FVU denominators of the global batch
+            out = self.sae.training_forward_pass(
+                TrainStepInput(
+                    sae_in=batch,
+                    coefficients={},
+                    dead_neuron_mask=dead_mask,
+                    n_training_steps=self.state.step,
+                    is_logging_step=False,
+                )
             )
-        )
-        if not torch.isfinite(out.loss):
+        assert out.topk is not None and out.layer_fvu is not None
+        active = out.topk.values > 0
+        # Local losses are shares of the global loss (see mlsae_lens.distributed): summed
+        # over ranks they are the global metrics. One collective for all of them.
+        loss, fvu, auxk, n_active, n_tokens = maybe_all_reduce_(
+            torch.stack([out.loss.detach(), out.losses["mse_loss"].detach(),
+                         out.losses["auxiliary_reconstruction_loss"].detach(),
+                         active.sum().to(out.loss.dtype), out.loss.new_tensor(batch.shape[0])]).double()
+        ).tolist()
+        if not math.isfinite(loss):
             last = list_checkpoints(self.out)
             where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
             raise MLSAEError(
@@ -270,37 +316,56 @@ class MultiLayerSAETrainingRunner:
             )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        all_reduce_gradients_(self.sae.parameters())
         self.sae.remove_gradient_parallel_to_decoder_directions()
         self.optimizer.step()
         self.scheduler.step()
         self.sae.set_decoder_norm_to_unit_norm()
 
-        assert out.topk is not None and out.layer_fvu is not None
-        n_tokens = batch.shape[0]
-        active = out.topk.values > 0
-        fired = torch.zeros_like(dead_mask)
-        fired[out.topk.indices[active]] = True
-        self.tokens_since_fired += n_tokens
+        fired = torch.zeros(dead_mask.shape, dtype=torch.int32, device=dead_mask.device)
+        fired[out.topk.indices[active]] = 1
+        fired = maybe_all_reduce_(fired, "max").bool()  # fired on any rank
+        self.tokens_since_fired += int(n_tokens)
         self.tokens_since_fired[fired] = 0
         return {
-            "loss": float(out.loss.detach()),
-            "fvu": float(out.losses["mse_loss"].detach()),
-            "auxk": float(out.losses["auxiliary_reconstruction_loss"].detach()),
-            "l0": float(active.sum(-1).float().mean()),
+            "loss": loss,
+            "fvu": fvu,
+            "auxk": auxk,
+            "l0": n_active / (n_tokens * active.shape[1]),
             "dead_fraction": float(dead_mask.float().mean()),
         }
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
 
+    def _stop_requested(self) -> bool:
+        """A signal on any rank stops all of them at the same step."""
+        if not self.dist.enabled:
+            return self._stop_signal is not None
+        flag = torch.tensor([float(self._stop_signal is not None)], device=self.device)
+        return bool(maybe_all_reduce_(flag, "max").item())
+
     def run(self) -> MultiLayerTrainingSAE:
+        """Train to ``training_tokens`` holding ``output_dir/.lock``: a second run into the
+        same directory is refused instead of interleaving checkpoints."""
+        if not is_main():
+            return self._run()
+        acquire_run_lock(self.out)
+        try:
+            prepare_output_dir(self.cfg)  # again, under the lock: another run may have started
+            return self._run()
+        finally:
+            release_run_lock(self.out)
+
+    def _run(self) -> MultiLayerTrainingSAE:
         cfg = self.cfg
         checkpoints = list_checkpoints(self.out)
         if cfg.resume and checkpoints:
             self.restore(checkpoints[-1])
         elif cfg.resume:
             raise MLSAEError(f"--resume: {self.out} has no checkpoint yet; start the run again without --resume")
-        atomic_write_json(self.out / RUN_FILE, cfg.to_dict())
+        if is_main():
+            atomic_write_json(self.out / RUN_FILE, cfg.to_dict())
 
         batches = self.stream.batches(self.state.chunk, self.state.batch_in_chunk)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -314,7 +379,7 @@ class MultiLayerSAETrainingRunner:
                     chunk, index, batch = next(batches)
                     if self.state.step == 0:
                         self.initialize(batch)
-                    metrics = self.step(batch)
+                    metrics = self.step(local_rows(batch))  # the whole batch in one process
                     self.state.step += 1
                     self.state.tokens += batch.shape[0]
                     self.state.chunk, self.state.batch_in_chunk = chunk, index + 1
@@ -330,10 +395,10 @@ class MultiLayerSAETrainingRunner:
                     if self.state.tokens >= next_checkpoint and self.state.tokens < cfg.training_tokens:
                         self.checkpoint()
                         next_checkpoint += cfg.effective_checkpoint_every_tokens
-                    if self._stop_signal is not None:
+                    if self._stop_requested():
                         path = self.checkpoint()
                         raise MLSAEError(
-                            f"interrupted by signal {self._stop_signal} at {self.state.tokens} tokens; "
+                            f"interrupted by signal {self._stop_signal or 'on another rank'} at {self.state.tokens} tokens; "
                             f"checkpoint saved to {path}; continue with --resume"
                         )
         finally:
@@ -346,6 +411,8 @@ class MultiLayerSAETrainingRunner:
 
     def save_final(self) -> None:
         """The inference SAE in SAELens' format directly in the run directory, plus the log."""
+        if not is_main():
+            return
         atomic_save_sae(self.sae, self.out)
         atomic_write_json(self.out / LOG_FILE, self.state.log)
         atomic_write_json(
@@ -355,7 +422,7 @@ class MultiLayerSAETrainingRunner:
         )
 
     def _maybe_wandb(self) -> Any:
-        if not self.cfg.log_to_wandb:
+        if not self.cfg.log_to_wandb or not is_main():
             return None
         import wandb
 

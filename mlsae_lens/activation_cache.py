@@ -1,0 +1,195 @@
+"""A reusable activation cache: harvest all layers once, train many SAEs from disk.
+
+``mlsae-lens cache --output DIR`` runs the model once over the training split and writes
+``DIR/train/shard_NNNNN.safetensors`` (``acts`` ``[rows, n_layers, d_model]`` float32: the
+*raw* residual stream of the valid tokens, so every SAE applies its own normalization;
+``positions`` ``[rows, 2]`` (context, position); ``row_offsets`` per context) and
+``DIR/manifest.json`` (model, sizes, corpus settings, a sha256 of the training tokens, and
+per shard its context range, size and sha256). ``--activation-cache DIR`` then trains from it
+through :class:`CachedActivationStream`, which yields exactly the batches the live stream
+would (same context order and shuffle), so ``--resume`` works unchanged.
+
+Only JSON and safetensors are read; a shard whose checksum or size is wrong, a manifest
+describing another model or corpus, or a path escaping ``DIR`` is refused by name.
+"""
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from mlsae_lens.activations import (
+    ActivationStream,
+    ActivationStreamConfig,
+    check_finite,
+    harvest_resid_post,
+    valid_token_vectors,
+)
+from mlsae_lens.checkpoint import atomic_save_file, atomic_write_json, check_not_pickle
+from mlsae_lens.errors import MLSAEError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+# Run settings that decide which activations a run sees: they must match the cache's.
+MATCHED_FIELDS = ("model_name", "dataset", "text_column", "context_size", "test_fraction",
+                  "max_corpus_tokens", "seed")
+
+
+def tokens_sha256(tokens: Tensor) -> str:
+    return hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safe_member(root: Path, name: str) -> Path:
+    """``root / name`` for a relative path that stays inside ``root``."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise MLSAEError(f"{root / MANIFEST} names the file {name!r} outside its directory; the cache is "
+                         "damaged or hostile — write it again with `mlsae-lens cache`")
+    return root / name
+
+
+def write_activation_cache(
+    cfg: Any,
+    output: Path,
+    model: Any = None,
+    splits: Any = None,
+    contexts_per_shard: int = 256,
+) -> Path:
+    """Harvest the training split of ``cfg`` (a :class:`MultiLayerRunnerConfig`) into ``output``."""
+    from mlsae_lens.data import special_token_mask
+    from mlsae_lens.models import load_model
+    from mlsae_lens.training import resolve_device
+
+    output = Path(output)
+    if (output / MANIFEST).exists():
+        raise MLSAEError(f"{output} already holds an activation cache; choose a new --output")
+    if contexts_per_shard <= 0:
+        raise MLSAEError("--contexts-per-shard must be positive")
+    (output / "train").mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    model = model if model is not None else load_model(cfg.model_name, device=device)
+    splits = splits if splits is not None else cfg.load_token_splits(model.tokenizer)
+    tokens, mask = splits.train, special_token_mask(splits.train, model.tokenizer)
+    shards = []
+    for index, start in enumerate(range(0, tokens.shape[0], contexts_per_shard)):
+        stop = min(start + contexts_per_shard, tokens.shape[0])
+        parts = []
+        for i in range(start, stop, cfg.model_batch_size):
+            j = min(i + cfg.model_batch_size, stop)
+            acts = harvest_resid_post(model, tokens[i:j])
+            check_finite(acts, f"contexts {i}-{j}")
+            parts.append(valid_token_vectors(acts, mask[i:j]).cpu())
+        valid = ~mask[start:stop]
+        positions = valid.nonzero()
+        positions[:, 0] += start
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), valid.sum(1).cumsum(0)])
+        name = f"train/shard_{index:05d}.safetensors"
+        atomic_save_file({"acts": torch.cat(parts), "positions": positions, "row_offsets": offsets}, output / name)
+        shards.append({"file": name, "contexts": [start, stop], "rows": int(offsets[-1]),
+                       "bytes": (output / name).stat().st_size, "sha256": file_sha256(output / name)})
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "normalization": "raw: unnormalized hook_resid_post; each SAE normalizes its input itself",
+        "d_model": model.cfg.d_model,
+        "n_layers": model.cfg.n_layers,
+        "hook_names": [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)],
+        "n_train_contexts": int(tokens.shape[0]),
+        "train_tokens_sha256": tokens_sha256(tokens),
+        "provenance": splits.provenance,
+        **{key: getattr(cfg, key) for key in MATCHED_FIELDS},
+        "shards": shards,
+    }
+    atomic_write_json(output / MANIFEST, manifest)  # last: a manifest means a complete cache
+    return output
+
+
+class CachedActivationStream(ActivationStream):
+    """:class:`ActivationStream` that reads each context's activations from a cache.
+
+    Args:
+        cache_dir: a directory written by :func:`write_activation_cache`.
+        tokens, special_mask, cfg, device: as for :class:`ActivationStream`; ``tokens`` must
+            be the split the cache was harvested from (checked by hash).
+        expected: run settings (``MATCHED_FIELDS``, ``d_model``, ``n_layers``) to check.
+    """
+
+    def __init__(self, cache_dir: Path, tokens: Tensor, special_mask: Tensor, cfg: ActivationStreamConfig,
+                 device: str = "cpu", expected: dict[str, Any] | None = None):
+        super().__init__(None, tokens, special_mask, cfg, device)  # type: ignore[arg-type]
+        self.root = Path(cache_dir)
+        self.manifest = read_manifest(self.root)
+        mismatched = [f"{key} (cache: {self.manifest.get(key)!r}, run: {value!r})"
+                      for key, value in (expected or {}).items() if self.manifest.get(key) != value]
+        if self.manifest.get("train_tokens_sha256") != tokens_sha256(tokens):
+            mismatched.append("the training tokens (sha256)")
+        if mismatched:
+            raise MLSAEError(f"the activation cache {self.root} does not match this run: "
+                             f"{'; '.join(mismatched)}; use the cache's settings or write a new cache")
+        self.shards = self.manifest["shards"]
+        self.starts = [s["contexts"][0] for s in self.shards]
+        self.verified: set[str] = set()
+
+    @classmethod
+    def for_run(cls, run_cfg: Any, model: Any, tokens: Tensor, special_mask: Tensor,
+                cfg: ActivationStreamConfig, device: str) -> "CachedActivationStream":
+        expected = {key: getattr(run_cfg, key) for key in MATCHED_FIELDS}
+        expected.update(d_model=model.cfg.d_model, n_layers=model.cfg.n_layers)
+        return cls(Path(run_cfg.activation_cache), tokens, special_mask, cfg, device, expected)
+
+    def shard_path(self, shard: dict[str, Any]) -> Path:
+        """The shard's file, its sha256 checked the first time this stream reads it."""
+        path = safe_member(self.root, shard["file"])
+        if shard["file"] not in self.verified:
+            if not path.is_file() or path.stat().st_size != shard["bytes"]:
+                raise MLSAEError(f"activation cache shard {path} is missing or truncated; write the cache again")
+            check_not_pickle(path)
+            if file_sha256(path) != shard["sha256"]:
+                raise MLSAEError(f"activation cache shard {path} is corrupted (sha256 mismatch); "
+                                 "write the cache again")
+            self.verified.add(shard["file"])
+        return path
+
+    def context_rows(self, context: int) -> Tensor:
+        import bisect
+
+        shard = self.shards[bisect.bisect_right(self.starts, context) - 1]
+        with safe_open(self.shard_path(shard), framework="pt") as f:
+            local = context - shard["contexts"][0]
+            start, stop = f.get_slice("row_offsets")[local : local + 2].tolist()
+            return f.get_slice("acts")[start:stop]
+
+    def harvest_group(self, group: int, contexts: Tensor, chunk: int) -> Tensor:  # noqa: ARG002
+        return torch.cat([self.context_rows(int(c)) for c in contexts]).to(self.device)
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The cache's manifest, checked for format and for paths that stay inside ``root``."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise MLSAEError(f"{root} is not an activation cache (no {MANIFEST}); write one with `mlsae-lens cache`")
+    try:
+        manifest = json.loads(path.read_text())
+        shards = manifest["shards"]
+        for shard in shards:
+            safe_member(Path(root), shard["file"])
+            _ = shard["contexts"], shard["bytes"], shard["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise MLSAEError(f"{path} is damaged ({type(exc).__name__}: {exc}); write the cache again") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise MLSAEError(f"{path} has format version {manifest.get('format_version')!r}, expected "
+                         f"{FORMAT_VERSION}; write the cache again with this mlsae-lens")
+    return manifest

@@ -1,0 +1,109 @@
+"""The activation cache: one harvest, read back as the live stream; damage is named."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_crash_resume import tiny_config, tiny_model, tiny_splits
+
+from mlsae_lens import MLSAEError
+from mlsae_lens.activation_cache import MANIFEST, CachedActivationStream, write_activation_cache
+from mlsae_lens.training import MultiLayerSAETrainingRunner
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache")
+    return write_activation_cache(tiny_config(out / "unused"), out, model=tiny_model(), splits=tiny_splits(),
+                                  contexts_per_shard=10)
+
+
+def runner(out: Path, cache: Path | None = None, **overrides) -> MultiLayerSAETrainingRunner:
+    cfg = tiny_config(out, training_tokens=15 * 8, activation_cache=str(cache) if cache else None, **overrides)
+    return MultiLayerSAETrainingRunner(cfg, model=tiny_model(), splits=tiny_splits())
+
+
+def test_the_cache_yields_the_live_streams_batches_and_trains_the_same_sae(tmp_path, cache_dir) -> None:
+    live, cached = runner(tmp_path / "live"), runner(tmp_path / "cached", cache_dir)
+    assert isinstance(cached.stream, CachedActivationStream)
+    for chunk in (0, 3, 9):  # chunk 9 wraps to the second epoch
+        torch.testing.assert_close(cached.stream.harvest_chunk(chunk), live.stream.harvest_chunk(chunk),
+                                   rtol=1e-6, atol=1e-6)
+    live.run()
+    cached.run()
+    a = load_file(tmp_path / "live" / "sae_weights.safetensors")
+    b = load_file(tmp_path / "cached" / "sae_weights.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    manifest = json.loads((cache_dir / MANIFEST).read_text())
+    assert manifest["normalization"].startswith("raw") and len(manifest["shards"]) == 4
+    assert sum(s["rows"] for s in manifest["shards"]) == int((tiny_splits().train != 0).sum())
+
+
+def copy_cache(cache_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(cache_dir, tmp_path / "copy"))
+
+
+def test_a_corrupted_or_truncated_shard_is_named(tmp_path, cache_dir) -> None:
+    cache = copy_cache(cache_dir, tmp_path)
+    shard = cache / "train" / "shard_00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    stream = runner(tmp_path / "a", cache).stream
+    with pytest.raises(MLSAEError, match="shard_00001.safetensors is corrupted \\(sha256 mismatch\\)"):
+        for chunk in range(stream.n_chunks):
+            stream.harvest_chunk(chunk)
+    shard.write_bytes(bytes(data[:100]))
+    with pytest.raises(MLSAEError, match="shard_00001.safetensors is missing or truncated"):
+        runner(tmp_path / "b", cache).stream.context_rows(15)
+
+
+def test_a_cache_of_another_model_or_corpus_is_refused(tmp_path, cache_dir) -> None:
+    with pytest.raises(MLSAEError, match="does not match this run: seed \\(cache: 3, run: 4\\)"):
+        runner(tmp_path / "a", cache_dir, seed=4)
+    other = tiny_splits()
+    other.train[0, 0] += 1  # another corpus under the same settings
+    with pytest.raises(MLSAEError, match="does not match this run: the training tokens"):
+        MultiLayerSAETrainingRunner(tiny_config(tmp_path / "t", activation_cache=str(cache_dir)),
+                                    model=tiny_model(), splits=other)
+    with pytest.raises(MLSAEError, match="does not match this run: context_size"):
+        runner(tmp_path / "b", cache_dir, context_size=12)
+    cache = copy_cache(cache_dir, tmp_path)
+    manifest = json.loads((cache / MANIFEST).read_text())
+    manifest["d_model"] = 32
+    (cache / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(MLSAEError, match="d_model \\(cache: 32, run: 16\\)"):
+        runner(tmp_path / "c", cache)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "train/../../x.safetensors"])
+def test_manifest_paths_cannot_escape_the_cache(tmp_path, cache_dir, name) -> None:
+    cache = copy_cache(cache_dir, tmp_path)
+    manifest = json.loads((cache / MANIFEST).read_text())
+    manifest["shards"][0]["file"] = name
+    (cache / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(MLSAEError, match="outside its directory"):
+        runner(tmp_path / "a", cache)
+
+
+def test_a_pickle_in_place_of_a_shard_is_refused(tmp_path, cache_dir) -> None:
+    cache = copy_cache(cache_dir, tmp_path)
+    shard = cache / "train" / "shard_00000.safetensors"
+    torch.save({"acts": torch.zeros(1)}, shard)
+    manifest = json.loads((cache / MANIFEST).read_text())
+    manifest["shards"][0]["bytes"] = shard.stat().st_size
+    (cache / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(MLSAEError, match="is a pickle/torch.save file"):
+        runner(tmp_path / "a", cache).stream.context_rows(0)
+
+
+def test_a_missing_cache_or_an_existing_one_is_named(tmp_path, cache_dir) -> None:
+    with pytest.raises(MLSAEError, match="is not an activation cache"):
+        runner(tmp_path / "a", tmp_path / "nothing")
+    with pytest.raises(MLSAEError, match="already holds an activation cache"):
+        write_activation_cache(tiny_config(tmp_path / "x"), cache_dir, model=tiny_model(), splits=tiny_splits())

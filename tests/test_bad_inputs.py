@@ -1,0 +1,194 @@
+"""Hostile and bad input: pickles where weights belong, disk full, interrupted writes,
+concurrent runs. Each gives one clear message and loses nothing written before
+(the full table, with the tests in other files, is docs/bad_inputs.md)."""
+
+import errno
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mlsae_lens import MLSAEError, MultiLayerSAE, MultiLayerSAEConfig
+from mlsae_lens import checkpoint as ckpt
+from mlsae_lens.checkpoint import (
+    LOCK_FILE,
+    acquire_run_lock,
+    atomic_save_file,
+    atomic_save_sae,
+    atomic_write_json,
+    list_checkpoints,
+    read_checkpoint,
+    release_run_lock,
+    write_checkpoint,
+)
+from mlsae_lens.cli import main
+from mlsae_lens.pipeline import load_sae
+from mlsae_lens.pretrained import read_reference_dir
+
+PICKLE_MESSAGE = "is a pickle/torch.save file; mlsae-lens never unpickles"
+
+
+def tiny_sae() -> MultiLayerSAE:
+    return MultiLayerSAE(MultiLayerSAEConfig(d_in=8, d_sae=16, k=2, n_layers=2))
+
+
+def disk_full(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# ---- pickles where safetensors belong ----------------------------------------------------
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_a_pickle_posing_as_sae_weights_is_refused_by_name(tmp_path, writer) -> None:
+    atomic_save_sae(tiny_sae(), tmp_path)
+    weights = tmp_path / "sae_weights.safetensors"
+    if writer == "torch.save":
+        torch.save({"W_enc": torch.zeros(2)}, weights)  # zip archive: PK\x03\x04
+    else:
+        weights.write_bytes(pickle.dumps({"W_enc": [0.0]}, protocol=2))  # starts with 0x80
+    with pytest.raises(MLSAEError, match=f"sae_weights.safetensors {PICKLE_MESSAGE}.*convert it to safetensors"):
+        load_sae(tmp_path)
+
+
+def test_a_pt_file_instead_of_safetensors_weights_is_named(tmp_path) -> None:
+    atomic_save_sae(tiny_sae(), tmp_path)
+    (tmp_path / "sae_weights.safetensors").unlink()
+    torch.save(tiny_sae().state_dict(), tmp_path / "sae_weights.pt")
+    with pytest.raises(MLSAEError, match=f"sae_weights.pt {PICKLE_MESSAGE}"):
+        load_sae(tmp_path)
+
+
+def test_reference_checkpoints_with_pickled_weights_are_refused(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"n_inputs": 8, "n_latents": 16, "k": 2}))
+    torch.save({"encoder.weight": torch.zeros(16, 8)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(MLSAEError, match=f"pytorch_model.bin {PICKLE_MESSAGE}"):
+        read_reference_dir(tmp_path)
+    torch.save({"encoder.weight": torch.zeros(16, 8)}, tmp_path / "model.safetensors")
+    with pytest.raises(MLSAEError, match=f"model.safetensors {PICKLE_MESSAGE}"):
+        read_reference_dir(tmp_path)
+
+
+def test_a_pickled_checkpoint_state_is_refused(tmp_path) -> None:
+    path = write_checkpoint(tmp_path, "tokens_000000000010", tiny_sae(), {"x": torch.zeros(1)}, {"step": 1})
+    torch.save({"x": torch.zeros(1)}, path / ckpt.STATE_TENSORS)
+    with pytest.raises(MLSAEError, match=PICKLE_MESSAGE):
+        read_checkpoint(path)
+
+
+def test_the_cli_refuses_a_pickle_with_one_line_and_exit_code_2(tmp_path, capsys) -> None:
+    atomic_save_sae(tiny_sae(), tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"model_name": "tiny"}))
+    torch.save({}, tmp_path / "sae_weights.safetensors")
+    assert main(["analyze", str(tmp_path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and PICKLE_MESSAGE in err
+    assert not (tmp_path / "stats.safetensors").exists()
+
+
+# ---- disk full and interrupted writes ------------------------------------------------------
+
+
+def test_disk_full_while_saving_the_sae_keeps_the_previous_one(tmp_path, monkeypatch) -> None:
+    atomic_save_sae(tiny_sae(), tmp_path)
+    before = files(tmp_path)
+    sae = tiny_sae()
+
+    def half_then_full(directory, *args, **kwargs):
+        (Path(directory) / "sae_weights.safetensors").write_bytes(b"\x00" * 10)  # a partial file
+        disk_full()
+
+    monkeypatch.setattr(sae, "save_model", half_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_save_sae(sae, tmp_path, inference=False)
+    assert files(tmp_path) == before  # no temp dir left, the old SAE whole
+    load_sae(tmp_path)
+
+
+def test_disk_full_while_writing_json_or_tensors_keeps_the_previous_file(tmp_path, monkeypatch) -> None:
+    atomic_write_json(tmp_path / "run.json", {"k": 4})
+    atomic_save_file({"a": torch.ones(3)}, tmp_path / "stats.safetensors")
+    before = files(tmp_path)
+    monkeypatch.setattr(ckpt.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_json(tmp_path / "run.json", {"k": 5})
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_save_file({"a": torch.zeros(3)}, tmp_path / "stats.safetensors")
+    assert files(tmp_path) == before
+
+
+def test_disk_full_while_writing_a_checkpoint_keeps_the_earlier_ones(tmp_path, monkeypatch) -> None:
+    write_checkpoint(tmp_path, "tokens_000000000010", tiny_sae(), {"x": torch.zeros(1)}, {"step": 1})
+    before = files(tmp_path)
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_checkpoint(tmp_path, "tokens_000000000020", tiny_sae(), {"x": torch.ones(1)}, {"step": 2})
+    assert files(tmp_path) == before
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["tokens_000000000010"]
+
+
+def test_a_half_written_checkpoint_is_ignored_and_a_damaged_one_named(tmp_path) -> None:
+    good = write_checkpoint(tmp_path, "tokens_000000000010", tiny_sae(), {"x": torch.zeros(1)}, {"step": 1})
+    (tmp_path / "checkpoints" / ".tmp-killed").mkdir()  # what a kill mid-write leaves
+    assert list_checkpoints(tmp_path) == [good]
+    state = good / ckpt.STATE_TENSORS
+    state.write_bytes(state.read_bytes()[:20])
+    with pytest.raises(MLSAEError, match=f"checkpoint {good} is damaged or incomplete.*delete it"):
+        read_checkpoint(good)
+
+
+# ---- one run per output directory ----------------------------------------------------------
+
+
+def test_a_lock_held_by_a_live_process_refuses_a_second_run(tmp_path) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename}))
+        with pytest.raises(MLSAEError, match=f"another mlsae-lens run \\(pid {holder.pid}.*choose another --output-dir"):
+            acquire_run_lock(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert acquire_run_lock(tmp_path) == tmp_path / LOCK_FILE  # now stale: taken over
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    release_run_lock(tmp_path)
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_half_written_lock_is_stale_and_only_the_holder_releases_it(tmp_path) -> None:
+    (tmp_path / LOCK_FILE).write_text('{"pid": ')
+    acquire_run_lock(tmp_path)
+    with pytest.raises(MLSAEError, match="another mlsae-lens run"):
+        acquire_run_lock(tmp_path)  # the same live process may not write twice either
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename}))
+    release_run_lock(tmp_path)
+    assert (tmp_path / LOCK_FILE).exists()  # not ours: left alone
+
+
+def test_a_second_concurrent_training_run_gets_a_clear_message_and_writes_nothing(tmp_path) -> None:
+    from test_crash_resume import tiny_config, tiny_model, tiny_splits
+
+    from mlsae_lens.training import MultiLayerSAETrainingRunner
+
+    runner = MultiLayerSAETrainingRunner(tiny_config(tmp_path), model=tiny_model(), splits=tiny_splits())
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename}))
+    with pytest.raises(MLSAEError, match="another mlsae-lens run .* is writing into"):
+        runner.run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK_FILE]
+
+
+def test_cache_command_refuses_bad_settings_before_writing(tmp_path, capsys) -> None:
+    assert main(["cache", "--output", str(tmp_path / "c"), "--contexts-per-shard", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "mlsae-lens: error: --contexts-per-shard must be positive"
+    assert not (tmp_path / "c").exists()
