@@ -154,10 +154,16 @@ def check_not_pickle(path: Path) -> None:
     path = Path(path)
     try:
         with path.open("rb") as f:
-            head = f.read(4)
+            head = f.read(9)
+        size = path.stat().st_size
     except OSError:
         return  # a missing file is the caller's message to give
-    if head[:1] == PICKLE_MAGIC or head == ZIP_MAGIC:
+    # A safetensors file starts with its JSON header's length (u64, little endian) and then
+    # the header's "{". The length's low byte can be 0x80, so rule safetensors in first.
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+    if 0 < header_len <= size - 8 and head[8:9] == b"{":
+        return
+    if head[:1] == PICKLE_MAGIC or head[:4] == ZIP_MAGIC:
         raise MLSAEError(
             f"{path} is a pickle/torch.save file; mlsae-lens never unpickles (it can run code); "
             "convert it to safetensors (safetensors.torch.save_file) from a trusted Python session"

@@ -510,8 +510,9 @@ def explore_run(
     return explorer.write_html(output or run_dir / EXPLORER_FILE, max_latents, contexts_per_layer)
 
 
-def serve(path: str | Path, port: int = 8000) -> None:
-    """Serve one file on http://127.0.0.1:PORT/ until Ctrl-C (nothing else is reachable)."""
+def page_server(path: str | Path, port: int = 8000) -> http.server.ThreadingHTTPServer:
+    """An HTTP server on 127.0.0.1 that answers ``/`` and ``/NAME`` with the page at ``path``
+    and 404 with anything else (so no other file of the run directory is reachable)."""
     path = Path(path).resolve()
     body = path.read_bytes()
 
@@ -530,10 +531,15 @@ def serve(path: str | Path, port: int = 8000) -> None:
             logger.debug(format, *args)
 
     try:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        return http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
     except OSError as exc:
         raise MLSAEError(f"cannot serve on 127.0.0.1:{port} ({exc}); pass another --port") from exc
-    print(f"serving {path} at http://127.0.0.1:{server.server_port}/ (Ctrl-C to stop)")
+
+
+def serve(path: str | Path, port: int = 8000) -> None:
+    """Serve the page on http://127.0.0.1:PORT/ until Ctrl-C."""
+    server = page_server(path, port)
+    logger.info("serving %s at http://127.0.0.1:%d/ (Ctrl-C to stop)", path, server.server_port)
     try:
         server.serve_forever()
     finally:
@@ -561,9 +567,10 @@ h1 { font-size: 1.4em; } #summary { font-size: 0.9em; color: #444; margin-bottom
 #search { width: 28em; padding: 4px 8px; font-size: 1em; } #status { margin-left: 1em; color: #555; }
 .card { border: 1px solid #ccc; border-radius: 6px; padding: 0.6em 1em; margin: 0.8em 0; }
 .card h2 { font-size: 1.1em; margin: 0.2em 0 0.4em; } .card h2 small { color: #666; font-weight: normal; }
-.row { display: flex; gap: 2em; flex-wrap: wrap; } .lens { font-size: 0.85em; }
+.row { display: flex; gap: 2em; } .row > div { flex: 1; min-width: 0; } .lens { font-size: 0.85em; }
 .lens span, .tok { white-space: pre; font-family: ui-monospace, monospace; }
-.lens span { background: #eef; margin: 1px; padding: 0 2px; border-radius: 2px; display: inline-block; }
+.lens span { background: #eef; margin: 1px; padding: 0 2px; border-radius: 2px; display: inline-block;
+  max-width: 10em; overflow: hidden; text-overflow: ellipsis; vertical-align: bottom; }
 .lens .neg span { background: #fee; }
 svg .bar { fill: #4a7bd0; cursor: pointer; } svg .bar.sel { fill: #e07b00; }
 .ctx { font-size: 0.85em; margin: 2px 0; } .ctx .v { color: #777; width: 5em; display: inline-block; }
@@ -731,6 +738,7 @@ __all__ = [
     "finalize_top_contexts",
     "load_top_contexts",
     "save_partial_top_contexts",
+    "page_server",
     "serve",
     "start_or_resume_top_contexts",
 ]

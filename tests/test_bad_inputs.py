@@ -192,3 +192,19 @@ def test_cache_command_refuses_bad_settings_before_writing(tmp_path, capsys) -> 
     assert main(["cache", "--output", str(tmp_path / "c"), "--contexts-per-shard", "0"]) == 2
     assert capsys.readouterr().err.strip() == "mlsae-lens: error: --contexts-per-shard must be positive"
     assert not (tmp_path / "c").exists()
+
+
+def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path) -> None:
+    """Regression: the header length 384 = 0x180 makes the first byte 0x80, the pickle opcode."""
+    from safetensors.torch import load_file, save_file
+
+    from mlsae_lens.checkpoint import check_not_pickle
+
+    path = tmp_path / "w.safetensors"
+    for name_len in range(1, 400):  # vary the header until its length's low byte is 0x80
+        save_file({"x" * name_len: torch.zeros(1)}, path)
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    check_not_pickle(path)  # must not raise
+    assert load_file(path)["x" * name_len].shape == (1,)

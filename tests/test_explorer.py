@@ -310,3 +310,26 @@ def test_explorer_page_works_offline_in_headless_chromium(analysed, tmp_path) ->
     assert size == (1200, 900) and ink > 0.005
     ARTIFACTS.mkdir(exist_ok=True)
     shutil.copy(shot, ARTIFACTS / "explore.png")
+
+
+def test_page_server_answers_the_page_on_localhost_only(analysed, tmp_path) -> None:
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from mlsae_lens.explorer import page_server
+
+    page = Explorer.from_run(analysed).write_html(tmp_path / "explore.html")
+    server = page_server(page, port=0)  # any free port
+    assert server.server_address[0] == "127.0.0.1"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        with urllib.request.urlopen(f"{base}/") as response:
+            assert response.read() == page.read_bytes()
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(f"{base}/../run/stats.safetensors")
+    finally:
+        server.shutdown()
+        server.server_close()
