@@ -20,7 +20,6 @@ Rank 0 alone writes checkpoints and the final SAE. Without ``torchrun`` (no ``WO
 every helper is a no-op and training is the plain single-process loop.
 """
 
-import contextlib
 import logging
 import os
 from collections.abc import Iterator
@@ -127,26 +126,6 @@ def global_layer_variance(x: Tensor) -> Tensor:
     mean = stats[:-1].view(x.shape[1:]) / stats[-1]
     var = (x - mean).pow(2).sum(dim=(0, 2))
     return maybe_all_reduce_(var).clamp_min(1e-12)
-
-
-@contextlib.contextmanager
-def global_loss_denominators() -> Iterator[None]:
-    """While active, the MLSAE's FVU/AuxK denominators are global-batch statistics.
-
-    ``MultiLayerTrainingSAE.training_forward_pass`` calls the module-level
-    ``per_layer_total_variance``; swapping it here keeps the SAE code free of collectives.
-    """
-    import mlsae_lens.sae as sae_module
-
-    if not is_distributed():
-        yield
-        return
-    original = sae_module.per_layer_total_variance
-    sae_module.per_layer_total_variance = global_layer_variance
-    try:
-        yield
-    finally:
-        sae_module.per_layer_total_variance = original
 
 
 class ShardedActivationStream(ActivationStream):

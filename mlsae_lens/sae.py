@@ -468,6 +468,10 @@ class MultiLayerTrainingSAE(MultiLayerMixin, TrainingSAE[MultiLayerTrainingSAECo
     ``[batch, n_layers, d_in]`` raw residual vectors (special tokens already removed).
     """
 
+    # FVU/AuxK denominators; data-parallel training swaps in the global-batch version
+    # (mlsae_lens.distributed.global_layer_variance) so rank losses add up exactly.
+    layer_variance_fn: Callable[[Tensor], Tensor] = staticmethod(lambda x: per_layer_total_variance(x))
+
     def __init__(self, cfg: MultiLayerTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
 
@@ -543,7 +547,7 @@ class MultiLayerTrainingSAE(MultiLayerMixin, TrainingSAE[MultiLayerTrainingSAECo
         if len(decoded) > 1:
             aux_recon = decoded[1]
         recon = self.hook_sae_recons(decoded[0].reshape(x_norm.shape) + self.b_dec)
-        layer_var = per_layer_total_variance(x_norm)
+        layer_var = self.layer_variance_fn(x_norm)
         error = recon - x_norm
         layer_fvu = error.pow(2).sum(dim=-1).sum(dim=0) / layer_var
         fvu = layer_fvu.mean()

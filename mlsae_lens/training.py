@@ -47,7 +47,7 @@ from mlsae_lens.config import RESUMABLE_FIELDS, MultiLayerRunnerConfig
 from mlsae_lens.distributed import (
     ShardedActivationStream,
     all_reduce_gradients_,
-    global_loss_denominators,
+    global_layer_variance,
     is_main,
     local_rows,
     maybe_all_reduce_,
@@ -182,6 +182,8 @@ class MultiLayerSAETrainingRunner:
         lens = self.load_tuned_lens()
         torch.manual_seed(cfg.seed)
         self.sae = MultiLayerTrainingSAE(self.sae_config()).to(self.device)
+        if self.dist.enabled:  # FVU denominators of the global batch, so rank losses add up
+            self.sae.layer_variance_fn = global_layer_variance
         if lens is not None:
             self.sae.set_tuned_lens(*lens)  # frozen buffers, saved with the SAE
         self.optimizer = torch.optim.Adam(
@@ -288,16 +290,15 @@ class MultiLayerSAETrainingRunner:
 
     def step(self, batch: Tensor) -> dict[str, float]:
         dead_mask = self.tokens_since_fired >= self.cfg.effective_dead_tokens_threshold
-        with global_loss_denominators():  # under torchrun: FVU denominators of the global batch
-            out = self.sae.training_forward_pass(
-                TrainStepInput(
-                    sae_in=batch,
-                    coefficients={},
-                    dead_neuron_mask=dead_mask,
-                    n_training_steps=self.state.step,
-                    is_logging_step=False,
-                )
+        out = self.sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=batch,
+                coefficients={},
+                dead_neuron_mask=dead_mask,
+                n_training_steps=self.state.step,
+                is_logging_step=False,
             )
+        )
         assert out.topk is not None and out.layer_fvu is not None
         active = out.topk.values > 0
         # Local losses are shares of the global loss (see mlsae_lens.distributed): summed
