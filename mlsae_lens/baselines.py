@@ -38,7 +38,6 @@ from mlsae_lens.activations import ActivationStream, ActivationStreamConfig
 from mlsae_lens.checkpoint import atomic_save_sae, atomic_write_json
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
-from mlsae_lens.normalization import denormalize
 from mlsae_lens.sae import MultiLayerMixin, TopKOutput
 
 logger = logging.getLogger(__name__)
@@ -73,7 +72,8 @@ class MLSAEMethod:
 
     def reconstruct(self, x: Tensor) -> tuple[Tensor, TopKOutput]:
         out = self.sae.encode_full(x.to(self.sae.W_enc.device))
-        recon = denormalize(self.sae.decode_topk_normalized(out.topk), out.norm_stats)
+        # Model basis: de-normalize, then the exact inverse of the tuned lens (if any).
+        recon = self.sae.from_normalized(self.sae.decode_topk_normalized(out.topk), out.norm_stats)
         return recon, out.topk
 
 
@@ -94,7 +94,7 @@ class PCABaseline:
         centered = x_norm - self.mean
         coords = torch.einsum("nld,ldk->nlk", centered, self.components)
         recon = self.mean + torch.einsum("nlk,ldk->nld", coords, self.components)
-        return denormalize(recon, stats), None
+        return self.sae.from_normalized(recon, stats), None
 
 
 class PerLayerSAEs:
@@ -187,6 +187,11 @@ def train_saelens_per_layer(
     Returns:
         The dict saved to ``training.json`` (seconds, tokens, hyper-parameters).
     """
+    if getattr(sae.cfg, "tuned_lens", False):
+        raise MLSAEError(
+            "the per-layer SAELens baseline is not available for tuned-lens MLSAEs yet (their "
+            "inputs live in the lens basis); evaluate with --baseline pca, or a standard run"
+        )
     tokens = training_tokens or cfg.training_tokens
     if tokens <= 0:
         raise MLSAEError(f"--baseline-training-tokens must be positive, got {tokens}")

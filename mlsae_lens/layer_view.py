@@ -383,8 +383,10 @@ def steering_hook(
     def hook_fn(resid: Tensor, hook: HookPoint) -> Tensor:  # noqa: ARG001
         stats = view.norm_stats(view.to_shared_space(resid.to(view.dtype)))
         delta = scale * view.W_dec[latent].detach() * stats.scale
-        # A future affine translator (issue 6) must map this delta by its linear part only.
-        return resid + view.from_shared_space(delta).to(resid.dtype)
+        # A direction, not a point: map it back by the lens's linear part only (no bias).
+        if view.has_tuned_lens:
+            delta = view.mlsae.from_lens_basis(delta, layer=view.cfg.layer, linear_only=True)
+        return resid + delta.to(resid.dtype)
 
     return view.cfg.metadata.hook_name, hook_fn
 
