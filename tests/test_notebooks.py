@@ -11,12 +11,15 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["01_quickstart.ipynb", "02_residual_stream_analysis.ipynb", "04_published_pythia_mlsaes.ipynb"]
+    "name",
+    ["01_quickstart.ipynb", "02_residual_stream_analysis.ipynb", "03_tuned_lens.ipynb",
+     "04_published_pythia_mlsaes.ipynb"],
 )
 def test_notebook_executes(name, tmp_path, monkeypatch, embedded_model) -> None:  # noqa: ARG001 (warm cache)
     monkeypatch.setenv("MLSAE_NB_TRAINING_TOKENS", "256")
     monkeypatch.setenv("MLSAE_NB_ANALYSIS_TOKENS", "256")
     monkeypatch.setenv("MLSAE_NB_EXPANSION_FACTOR", "1")
+    monkeypatch.setenv("MLSAE_NB_LENS_STEPS", "2")
     monkeypatch.setenv("MLSAE_NB_RUN_DIR", str(tmp_path / "run"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the Pythia notebook must skip cleanly offline
     notebook = nbformat.read(EXAMPLES / name, as_version=4)
