@@ -101,26 +101,27 @@ def residual_norm_figure(results: Mapping[str, ResidualNormResult]) -> go.Figure
         if bool(centered.isnan().all()):
             centered, label = result.centered_rms_norm, "centered (RMS)"
         for values, kind, dash in ((result.mean_norm, "raw", "solid"), (centered, label, "dash")):
-            fig.add_trace(
-                go.Scatter(
-                    x=x,
-                    y=values.numpy(),
-                    mode="lines+markers",
-                    name=f"{name} ({kind})",
-                    line={"dash": dash, "color": _color(i)},
-                    customdata=layers,
-                    hovertemplate=(
-                        f"{name}, {kind}<br>layer %{{customdata}} (relative %{{x:.3f}})"
-                        "<br>mean norm %{y:.4g}<extra></extra>"
-                    ),
-                )
-            )
+            hover = f"{name}, {kind}<br>layer %{{customdata}} (relative %{{x:.3f}})<br>mean norm %{{y:.4g}}"
+            fig.add_trace(_profile_trace(x, values, f"{name} ({kind})", dash, i, layers, hover))
     fig.update_layout(
         title="Mean L2 norm of the residual stream per layer",
         xaxis_title="relative layer (l + 1) / n_layers",
         yaxis={"title": "mean L2 norm", "rangemode": "tozero"},
     )
     return fig
+
+
+def _profile_trace(x, values, name: str, dash: str, color_index: int, customdata, hover: str) -> go.Scatter:
+    """One line of a per-layer profile (norms, cosines): one color per model, dash per kind."""
+    return go.Scatter(
+        x=x,
+        y=values.numpy(),
+        mode="lines+markers",
+        name=name,
+        line={"dash": dash, "color": _color(color_index)},
+        customdata=customdata,
+        hovertemplate=hover + "<extra></extra>",
+    )
 
 
 def adjacent_cosine_figure(results: Mapping[str, ResidualNormResult]) -> go.Figure:
@@ -138,20 +139,8 @@ def adjacent_cosine_figure(results: Mapping[str, ResidualNormResult]) -> go.Figu
         if not bool(result.mean_cosine_adjacent_centered.isnan().all()):
             series.append((result.mean_cosine_adjacent_centered, "centered", "dash"))
         for values, kind, dash in series:
-            fig.add_trace(
-                go.Scatter(
-                    x=x,
-                    y=values.numpy(),
-                    mode="lines+markers",
-                    name=f"{name} ({kind})",
-                    line={"dash": dash, "color": _color(i)},
-                    customdata=pairs,
-                    hovertemplate=(
-                        f"{name}, {kind}<br>layers %{{customdata}} → %{{customdata}}+1"
-                        "<br>mean cosine %{y:.4f}<extra></extra>"
-                    ),
-                )
-            )
+            hover = f"{name}, {kind}<br>layers %{{customdata}} → %{{customdata}}+1<br>mean cosine %{{y:.4f}}"
+            fig.add_trace(_profile_trace(x, values, f"{name} ({kind})", dash, i, pairs, hover))
     fig.update_layout(
         title="Mean cosine similarity between adjacent layers",
         xaxis_title="relative layer of the lower layer (l + 1) / n_layers",
