@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 from mlsae_lens import MLSAEError
 from mlsae_lens.activations import harvest_resid_post, valid_token_vectors
@@ -28,6 +28,7 @@ from mlsae_lens.evals import evaluate_reconstruction
 from mlsae_lens.pipeline import load_sae
 from mlsae_lens.sae import scatter_topk
 from mlsae_lens.training import MultiLayerSAETrainingRunner
+from tiny import tiny_token_splits, tiny_transformer
 
 EOS = 0
 N_CTX = 32
@@ -52,31 +53,11 @@ class CharTokenizer:
 
 @pytest.fixture(scope="module")
 def tiny_model() -> HookedTransformer:
-    torch.manual_seed(0)
-    cfg = HookedTransformerConfig(
-        n_layers=3,
-        d_model=16,
-        n_ctx=N_CTX,
-        d_head=4,
-        n_heads=4,
-        d_mlp=32,
-        d_vocab=64,
-        act_fn="gelu",
-        normalization_type="LN",
-        device="cpu",
-    )
-    model = HookedTransformer(cfg)
-    model.tokenizer = CharTokenizer()
-    return model
-
+    return tiny_transformer(n_ctx=N_CTX, tokenizer=CharTokenizer())
 
 @pytest.fixture(scope="module")
 def tiny_splits() -> TokenSplits:
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(1, 64, (40, 16), generator=gen)
-    tokens[:, 7] = EOS  # one special token per context: 8 test contexts hold 120 valid tokens
-    return TokenSplits(train=tokens[:32], test=tokens[32:], provenance={"source": "random"})
-
+    return tiny_token_splits()  # 8 test contexts hold 120 valid tokens
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_model, tiny_splits) -> Path:

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 from mlsae_lens.checkpoint import LOCK_FILE, list_checkpoints, read_checkpoint
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.data import TokenSplits
 from mlsae_lens.training import MultiLayerSAETrainingRunner
+from tiny import EosTokenizer, tiny_token_splits, tiny_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -52,27 +53,11 @@ except MLSAEError as exc:
 '''
 
 
-class EosTokenizer:
-    eos_token_id = 0
-    bos_token_id = pad_token_id = unk_token_id = None
-    padding_side = "right"
-
-
 def tiny_model() -> HookedTransformer:
-    torch.manual_seed(0)
-    model = HookedTransformer(HookedTransformerConfig(
-        n_layers=2, d_model=16, n_ctx=32, d_head=4, n_heads=4, d_mlp=32, d_vocab=64,
-        act_fn="gelu", normalization_type="LN", device="cpu",
-    ))
-    model.tokenizer = EosTokenizer()
-    return model
-
+    return tiny_transformer(n_layers=2, tokenizer=EosTokenizer())
 
 def tiny_splits() -> TokenSplits:
-    tokens = torch.randint(1, 64, (40, 16), generator=torch.Generator().manual_seed(1))
-    tokens[:, 7] = 0
-    return TokenSplits(train=tokens[:32], test=tokens[32:], provenance={"source": "random"})
-
+    return tiny_token_splits()
 
 def tiny_config(out: Path, **overrides) -> MultiLayerRunnerConfig:
     base = dict(

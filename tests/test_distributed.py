@@ -9,38 +9,23 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.data import TokenSplits
 from mlsae_lens.distributed import global_layer_variance, is_main, local_rows, maybe_all_reduce_
 from mlsae_lens.sae import per_layer_total_variance
 from mlsae_lens.training import MultiLayerSAETrainingRunner
+from tiny import EosTokenizer, tiny_token_splits, tiny_transformer
 
 EOS = 0
 
 
-class EosTokenizer:
-    eos_token_id = EOS
-    bos_token_id = pad_token_id = unk_token_id = None
-    padding_side = "right"
-
-
 def tiny_model() -> HookedTransformer:
-    torch.manual_seed(0)
-    model = HookedTransformer(HookedTransformerConfig(
-        n_layers=3, d_model=16, n_ctx=32, d_head=4, n_heads=4, d_mlp=32, d_vocab=64,
-        act_fn="gelu", normalization_type="LN", device="cpu",
-    ))
-    model.tokenizer = EosTokenizer()
-    return model
-
+    return tiny_transformer(tokenizer=EosTokenizer())
 
 def tiny_splits() -> TokenSplits:
-    tokens = torch.randint(1, 64, (40, 16), generator=torch.Generator().manual_seed(1))
-    tokens[:, 7] = EOS
-    return TokenSplits(train=tokens[:32], test=tokens[32:], provenance={"source": "random"})
-
+    return tiny_token_splits()
 
 def tiny_config(out: Path) -> MultiLayerRunnerConfig:
     # 15-token global batches split 8 + 7 over 2 ranks; R=16 so latents die and AuxK runs.

@@ -6,33 +6,24 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
 from mlsae_lens import MLSAEError
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.data import TokenSplits
 from mlsae_lens.training import MultiLayerSAETrainingRunner
+from tiny import EosTokenizer, tiny_token_splits, tiny_transformer
 
 EOS = 0
 
 
 @pytest.fixture(scope="module")
 def tiny_model() -> HookedTransformer:
-    torch.manual_seed(0)
-    cfg = HookedTransformerConfig(
-        n_layers=3, d_model=16, n_ctx=32, d_head=4, n_heads=4, d_mlp=32, d_vocab=64,
-        act_fn="gelu", normalization_type="LN", device="cpu",
-    )
-    return HookedTransformer(cfg)
-
+    return tiny_transformer()
 
 @pytest.fixture(scope="module")
 def tiny_splits() -> TokenSplits:
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(1, 64, (40, 16), generator=gen)
-    tokens[:, 7] = EOS  # a document separator in every context
-    return TokenSplits(train=tokens[:32], test=tokens[32:], provenance={"source": "random"})
-
+    return tiny_token_splits()
 
 def tiny_config(out: Path, **overrides) -> MultiLayerRunnerConfig:
     base = dict(
@@ -42,16 +33,6 @@ def tiny_config(out: Path, **overrides) -> MultiLayerRunnerConfig:
     )
     base.update(overrides)
     return MultiLayerRunnerConfig(**base)
-
-
-class EosTokenizer:
-    """Just enough of a tokenizer for special-token masking."""
-
-    eos_token_id = EOS
-    bos_token_id = None
-    pad_token_id = None
-    unk_token_id = None
-    padding_side = "right"
 
 
 @pytest.fixture(autouse=True)

@@ -25,35 +25,18 @@ from mlsae_lens.lens import (
 )
 from mlsae_lens.sae import MultiLayerSAE, MultiLayerSAEConfig
 from mlsae_lens.training import MultiLayerSAETrainingRunner
+from tiny import EosTokenizer, tiny_token_splits, tiny_transformer
 
 N_LAYERS, D = 3, 16
 
 
 @pytest.fixture(scope="module")
 def tiny_model() -> HookedTransformer:
-    torch.manual_seed(0)
-    cfg = HookedTransformerConfig(
-        n_layers=N_LAYERS, d_model=D, n_ctx=32, d_head=4, n_heads=4, d_mlp=32, d_vocab=64,
-        act_fn="gelu", normalization_type="LN", device="cpu",
-    )
-    return HookedTransformer(cfg)
-
+    return tiny_transformer(n_layers=N_LAYERS, d_model=D)
 
 @pytest.fixture(scope="module")
 def tiny_splits() -> TokenSplits:
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(1, 64, (40, 16), generator=gen)
-    tokens[:, 7] = 0  # a document separator in every context
-    return TokenSplits(train=tokens[:32], test=tokens[32:], provenance={"source": "random"})
-
-
-class EosTokenizer:
-    eos_token_id = 0
-    bos_token_id = None
-    pad_token_id = None
-    unk_token_id = None
-    padding_side = "right"
-
+    return tiny_token_splits()
 
 @pytest.fixture(autouse=True)
 def with_tokenizer(tiny_model: HookedTransformer):
