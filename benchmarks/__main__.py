@@ -9,7 +9,7 @@ import platform
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,29 +47,33 @@ FULL = Sizes()
 QUICK = Sizes(vectors=2048, ratios=(8,), train_repeats=3, saelens_repeats=2, embedded_model=False,
               harvest_batch=(1, 32), analysis_tokens=32, memory_tokens=(10_000, 100_000),
               scaling_ratios=(), scaling_ks=(), default_adam=False)
+GPU = replace(FULL, vectors=65_536, harvest_batch=(32, 256), analysis_tokens=4096, memory_subprocess=False)
+"""A GPU needs bigger batches than a CPU core to be busy; ratios are taken at these sizes."""
 SMOKE = Sizes(d_in=64, k=8, vectors=256, ratios=(8,), train_repeats=2, saelens_repeats=2, embedded_model=False,
               harvest_batch=(1, 16), harvest_model_shape=(2, 64), analysis_tokens=32, analysis_layers=4,
               memory_tokens=(2_000, 20_000), memory_subprocess=False, scaling_ratios=(), scaling_ks=(),
               default_adam=False)
 
 
-def bench_train(s: Sizes) -> dict[str, dict[str, float]]:
+def bench_train(s: Sizes, device: str = "cpu") -> dict[str, dict[str, float]]:
     out = {}
     for r in s.ratios:
         d_sae = r * s.d_in
         args = (s.d_in, d_sae, s.k, s.vectors)
         times = interleaved_medians(
-            {"mlsae": train.mlsae_step(*args), "floor": train.floor_step(*args),
-             "mlsae_no_dead": train.mlsae_step(*args, dead_fraction=0.0)},
+            {"mlsae": train.mlsae_step(*args, device=device), "floor": train.floor_step(*args, device=device),
+             "mlsae_no_dead": train.mlsae_step(*args, dead_fraction=0.0, device=device)},
             repeats=s.train_repeats,
         )
         times |= interleaved_medians(
-            {"saelens": train.saelens_step(*args), "floor_saelens": train.floor_step(*args)}, repeats=s.saelens_repeats
+            {"saelens": train.saelens_step(*args, device=device), "floor_saelens": train.floor_step(*args, device=device)},
+            repeats=s.saelens_repeats,
         )
         default_adam = {"mlsae": float("nan"), "floor": 1.0}
         if s.default_adam:
             default_adam = interleaved_medians(
-                {"mlsae": train.mlsae_step(*args, fused_adam=False), "floor": train.floor_step(*args)},
+                {"mlsae": train.mlsae_step(*args, fused_adam=False, device=device),
+                 "floor": train.floor_step(*args, device=device)},
                 repeats=max(2, s.train_repeats // 2),
             )
         out[f"R{r}"] = {
@@ -89,11 +93,11 @@ def bench_train(s: Sizes) -> dict[str, dict[str, float]]:
     return out
 
 
-def bench_harvest(s: Sizes) -> dict[str, object]:
+def bench_harvest(s: Sizes, device: str = "cpu") -> dict[str, object]:
     if s.embedded_model:
-        model, which = harvest.load_benchmark_model(True)
+        model, which = harvest.load_benchmark_model(True, device)
     else:
-        model = harvest.random_smollm2_shaped(*s.harvest_model_shape)
+        model = harvest.random_smollm2_shaped(*s.harvest_model_shape, device=device)
         which = f"random TransformerLens model of SmolLM2-135M's architecture ({s.harvest_model_shape[0]} layers, d {s.harvest_model_shape[1]})"
     times = interleaved_medians(harvest.harvest_pair(model, *s.harvest_batch), repeats=s.train_repeats)
     tokens = s.harvest_batch[0] * s.harvest_batch[1]
@@ -108,14 +112,19 @@ def bench_harvest(s: Sizes) -> dict[str, object]:
     }
 
 
-def bench_analysis(s: Sizes) -> dict[str, object]:
+def bench_analysis(s: Sizes, device: str = "cpu") -> dict[str, object]:
     d_sae = 8 * s.d_in
     times = interleaved_medians(
-        analysis.analysis_pair(s.d_in, d_sae, s.k, s.analysis_layers, s.analysis_tokens), repeats=s.train_repeats
+        analysis.analysis_pair(s.d_in, d_sae, s.k, s.analysis_layers, s.analysis_tokens, device=device),
+        repeats=s.train_repeats,
     )
     small, large = s.memory_tokens
     mem_args = dict(n_layers=4, d_sae=d_sae, k=8, batch=min(4096, small))
-    if s.memory_subprocess:
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        grow_small = analysis.accumulate_synthetic_cuda(small, **mem_args)["peak_growth_bytes"]
+        grow_large = analysis.accumulate_synthetic_cuda(large, **mem_args)["peak_growth_bytes"]
+    elif s.memory_subprocess:
         grow_small = analysis.memory_growth(small, **mem_args)
         grow_large = analysis.memory_growth(large, **mem_args)
     else:
@@ -130,20 +139,23 @@ def bench_analysis(s: Sizes) -> dict[str, object]:
         "memory_tokens": [small, large],
         "memory_growth_bytes": [grow_small, grow_large],
         "analysis_memory_ratio": max(grow_large, 1) / max(grow_small, 1),
-        "memory_setup": {**mem_args, "mode": "fresh process, kernel high-water mark" if s.memory_subprocess else "in-process RSS sampled per batch"},
+        "memory_setup": {**mem_args, "mode": "CUDA max_memory_allocated growth" if on_cuda else
+                         "fresh process, kernel high-water mark" if s.memory_subprocess else "in-process RSS sampled per batch"},
     }
 
 
-def bench_scaling(s: Sizes) -> dict[str, list[dict[str, float]]]:
+def bench_scaling(s: Sizes, device: str = "cpu") -> dict[str, list[dict[str, float]]]:
     rows: dict[str, list[dict[str, float]]] = {"d_sae": [], "k": []}
     for r in s.scaling_ratios:
         args = (s.d_in, r * s.d_in, s.k, s.vectors)
-        t = interleaved_medians({"mlsae": train.mlsae_step(*args), "floor": train.floor_step(*args)}, repeats=s.scaling_repeats)
+        t = interleaved_medians({"mlsae": train.mlsae_step(*args, device=device), "floor": train.floor_step(*args, device=device)},
+                                repeats=s.scaling_repeats)
         rows["d_sae"].append({"R": r, "d_sae": r * s.d_in, "k": s.k, "step_s": t["mlsae"], "floor_s": t["floor"]})
         logger.info("scaling %s", rows["d_sae"][-1])
     for k in s.scaling_ks:
         args = (s.d_in, 8 * s.d_in, k, s.vectors)
-        t = interleaved_medians({"mlsae": train.mlsae_step(*args), "floor": train.floor_step(*args)}, repeats=s.scaling_repeats)
+        t = interleaved_medians({"mlsae": train.mlsae_step(*args, device=device), "floor": train.floor_step(*args, device=device)},
+                                repeats=s.scaling_repeats)
         rows["k"].append({"R": 8, "d_sae": 8 * s.d_in, "k": k, "step_s": t["mlsae"], "floor_s": t["floor"]})
         logger.info("scaling %s", rows["k"][-1])
     return rows
@@ -193,8 +205,10 @@ def machine() -> dict[str, str]:
         model = platform.processor() or "?"
     from importlib.metadata import version
 
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {
         "cpu": model,
+        "gpu": gpu,
         "cores": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
         "python": platform.python_version(),
@@ -221,26 +235,35 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_true", help="small sizes, under a minute on 2 cores; writes nothing")
     size.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite; writes nothing")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the ratios) on stdout")
-    parser.add_argument("--output", type=Path, default=HERE / "results.md", help="results file of the full run")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: bigger batches, bf16 encoder matmul "
+                        "as the runner uses there; default: %(default)s)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="results file of the full run (default: benchmarks/results.md, or results-cuda.md on cuda)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, format="%(message)s", stream=sys.stderr)
-    sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    sizes = SMOKE if args.smoke else QUICK if args.quick else GPU if device.startswith("cuda") else FULL
+    output = args.output or HERE / ("results-cuda.md" if device.startswith("cuda") else "results.md")
     torch.manual_seed(0)
     results = {
-        "train": bench_train(sizes),
-        "harvest": bench_harvest(sizes),
-        "analysis": bench_analysis(sizes),
+        "device": device,
+        "train": bench_train(sizes, device),
+        "harvest": bench_harvest(sizes, device),
+        "analysis": bench_analysis(sizes, device),
         "sizes": asdict(sizes),
     }
     if sizes.scaling_ratios or sizes.scaling_ks:
-        results["scaling"] = bench_scaling(sizes)
+        results["scaling"] = bench_scaling(sizes, device)
     ratios = summary(results)
     if not (args.quick or args.smoke):
         from benchmarks.report import write_results
 
-        plots = write_plot(results["scaling"], args.output.parent / "scaling") if "scaling" in results else []
-        write_results(args.output, results, ratios, machine(), plots, " ".join(["python -m benchmarks", *(argv or sys.argv[1:])]))
-        _atomic_write_text(args.output.with_suffix(".json"), json.dumps({"ratios": ratios, **results}, indent=1, default=str))
+        stem = "scaling-cuda" if device.startswith("cuda") else "scaling"
+        plots = write_plot(results["scaling"], output.parent / stem) if "scaling" in results else []
+        write_results(output, results, ratios, machine(), plots, " ".join(["python -m benchmarks", *(argv or sys.argv[1:])]))
+        _atomic_write_text(output.with_suffix(".json"), json.dumps({"ratios": ratios, **results}, indent=1, default=str))
     if args.json:
         print(json.dumps(ratios))
     else:

@@ -12,10 +12,11 @@ from mlsae_lens.analysis import LayerDistributionStats
 from mlsae_lens.sae import MultiLayerSAE, MultiLayerSAEConfig
 
 
-def analysis_pair(d_in: int, d_sae: int, k: int, n_layers: int, tokens: int) -> dict[str, Callable[[], object]]:
+def analysis_pair(d_in: int, d_sae: int, k: int, n_layers: int, tokens: int,
+                  device: str = "cpu") -> dict[str, Callable[[], object]]:
     """``encode_topk`` alone vs ``encode_topk`` + ``LayerDistributionStats.update_sparse``."""
-    sae = MultiLayerSAE(MultiLayerSAEConfig(d_in=d_in, d_sae=d_sae, k=k, n_layers=n_layers)).eval()
-    acts = torch.randn(tokens, n_layers, d_in)
+    sae = MultiLayerSAE(MultiLayerSAEConfig(d_in=d_in, d_sae=d_sae, k=k, n_layers=n_layers, device=device)).eval()
+    acts = torch.randn(tokens, n_layers, d_in, device=device)
 
     @torch.inference_mode()
     def encode() -> object:
@@ -24,7 +25,7 @@ def analysis_pair(d_in: int, d_sae: int, k: int, n_layers: int, tokens: int) -> 
     @torch.inference_mode()
     def encode_and_update() -> object:
         code = sae.encode_topk(acts)
-        LayerDistributionStats(n_layers, d_sae).update_sparse(code.indices, code.values)
+        LayerDistributionStats(n_layers, d_sae, device=device).update_sparse(code.indices, code.values)
         return code
 
     return {"encode": encode, "encode_and_update": encode_and_update}
@@ -64,6 +65,27 @@ def accumulate_synthetic(tokens: int, n_layers: int, d_sae: int, k: int, batch: 
     if use_maxrss:
         peak = max(peak, _high_water_bytes())
     return {"tokens": stats.n_tokens, "peak_growth_bytes": peak - before}
+
+
+def accumulate_synthetic_cuda(tokens: int, n_layers: int, d_sae: int, k: int, batch: int) -> dict[str, int]:
+    """As :func:`accumulate_synthetic` on the GPU: peak CUDA memory allocated beyond what was
+    allocated before (each batch of codes is made on the device, as ``analyze`` gets them)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    stats = LayerDistributionStats(n_layers, d_sae, device="cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    done = 0
+    while done < tokens:
+        n = min(batch, tokens - done)
+        indices = torch.randint(0, d_sae, (n, n_layers, k), generator=gen, device="cuda")
+        values = torch.rand(n, n_layers, k, generator=gen, device="cuda")
+        values = values * (torch.rand(n, n_layers, k, generator=gen, device="cuda") > 0.2)
+        stats.update_sparse(indices, values)
+        del indices, values
+        done += n
+    torch.cuda.synchronize()
+    return {"tokens": stats.n_tokens, "peak_growth_bytes": torch.cuda.max_memory_allocated() - before}
 
 
 def memory_growth(tokens: int, n_layers: int, d_sae: int, k: int, batch: int) -> int:

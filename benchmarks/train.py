@@ -17,8 +17,15 @@ def make_adam(params, fused: bool) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=1e-4, fused=True) if fused else torch.optim.Adam(params, lr=1e-4)
 
 
-def dead_mask(d_sae: int) -> torch.Tensor:
-    return torch.arange(d_sae) % round(1 / DEAD_FRACTION) == 0
+def dead_mask(d_sae: int, device: str = "cpu") -> torch.Tensor:
+    return torch.arange(d_sae, device=device) % round(1 / DEAD_FRACTION) == 0
+
+
+def gpu_matmul_dtype(device: str) -> torch.dtype | None:
+    """What the runner uses on ``device`` (``--encoder-matmul-dtype auto``), for a like-for-like step."""
+    from mlsae_lens.training import encoder_matmul_dtype
+
+    return encoder_matmul_dtype("auto", device)
 
 
 def step_input(x: torch.Tensor, dead: torch.Tensor) -> TrainStepInput:
@@ -26,15 +33,16 @@ def step_input(x: torch.Tensor, dead: torch.Tensor) -> TrainStepInput:
 
 
 def mlsae_step(d_in: int, d_sae: int, k: int, vectors: int, n_layers: int = 8, dense: bool = False,
-               fused_adam: bool = True, dead_fraction: float = DEAD_FRACTION) -> Callable[[], None]:
+               fused_adam: bool = True, dead_fraction: float = DEAD_FRACTION, device: str = "cpu") -> Callable[[], None]:
     """The work of ``MultiLayerSAETrainingRunner.step``: forward, backward, radial-gradient
     removal, Adam, decoder renormalization (``vectors`` = tokens × layers)."""
-    cfg = MultiLayerTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, n_layers=n_layers)
-    sae = MultiLayerTrainingSAE(cfg)
+    cfg = MultiLayerTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, n_layers=n_layers, device=device)
+    sae = MultiLayerTrainingSAE(cfg).to(device)
     sae.dense = dense
+    sae.matmul_dtype = gpu_matmul_dtype(device)
     opt = make_adam(sae.parameters(), fused_adam)
-    x = torch.randn(vectors // n_layers, n_layers, d_in)
-    dead = dead_mask(d_sae) if dead_fraction > 0 else torch.zeros(d_sae, dtype=torch.bool)
+    x = torch.randn(vectors // n_layers, n_layers, d_in, device=device)
+    dead = dead_mask(d_sae, device) if dead_fraction > 0 else torch.zeros(d_sae, dtype=torch.bool, device=device)
 
     def step() -> None:
         out = sae.training_forward_pass(step_input(x, dead))
@@ -47,15 +55,19 @@ def mlsae_step(d_in: int, d_sae: int, k: int, vectors: int, n_layers: int = 8, d
     return step
 
 
-def saelens_step(d_in: int, d_sae: int, k: int, vectors: int, fused_adam: bool = True) -> Callable[[], None]:
-    """SAELens' ``TopKTrainingSAE``: ``training_forward_pass`` + backward + Adam."""
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k))
+def saelens_step(d_in: int, d_sae: int, k: int, vectors: int, fused_adam: bool = True,
+                 device: str = "cpu") -> Callable[[], None]:
+    """SAELens' ``TopKTrainingSAE``: ``training_forward_pass`` + backward + Adam; on CUDA under
+    bf16 autocast, as SAELens' runner does with ``autocast=True`` (its fastest GPU setting)."""
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, device=device)).to(device)
     opt = make_adam(sae.parameters(), fused_adam)
-    x = torch.randn(vectors, d_in)
-    dead = dead_mask(d_sae)
+    x = torch.randn(vectors, d_in, device=device)
+    dead = dead_mask(d_sae, device)
+    on_cuda = str(device).startswith("cuda")
 
     def step() -> None:
-        out = sae.training_forward_pass(step_input(x, dead))
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=on_cuda):
+            out = sae.training_forward_pass(step_input(x, dead))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -63,11 +75,13 @@ def saelens_step(d_in: int, d_sae: int, k: int, vectors: int, fused_adam: bool =
     return step
 
 
-def floor_step(d_in: int, d_sae: int, k: int, vectors: int) -> Callable[[], None]:
-    """The encoder matmul and top-k of the same batch: the part no TopK SAE can skip."""
-    x = torch.randn(vectors, d_in)
-    W = torch.randn(d_in, d_sae) / d_in**0.5
-    b = torch.zeros(d_sae)
+def floor_step(d_in: int, d_sae: int, k: int, vectors: int, device: str = "cpu") -> Callable[[], None]:
+    """The encoder matmul and top-k of the same batch: the part no TopK SAE can skip (in the
+    dtype the MLSAE step uses for it on ``device``)."""
+    dtype = gpu_matmul_dtype(device) or torch.float32
+    x = torch.randn(vectors, d_in, device=device, dtype=dtype)
+    W = (torch.randn(d_in, d_sae, device=device) / d_in**0.5).to(dtype)
+    b = torch.zeros(d_sae, device=device, dtype=dtype)
 
     def step() -> None:
         with torch.no_grad():

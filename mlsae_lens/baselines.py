@@ -86,8 +86,10 @@ class PCABaseline:
 
     def __init__(self, sae: MultiLayerMixin, mean: Tensor, components: Tensor):
         self.sae = sae
-        self.mean = mean.float()  # [n_layers, d_in]
-        self.components = components.float()  # [n_layers, d_in, k]
+        # Where the SAE lives: PCA is fitted on harvested (CPU) vectors but applied beside the SAE.
+        device = sae.W_enc.device
+        self.mean = mean.float().to(device)  # [n_layers, d_in]
+        self.components = components.float().to(device)  # [n_layers, d_in, k]
 
     def reconstruct(self, x: Tensor) -> tuple[Tensor, None]:
         x_norm, stats = self.sae.normalize_input(x)

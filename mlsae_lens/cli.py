@@ -230,6 +230,57 @@ def add_train_lens_parser(sub: Any) -> None:
     tl.set_defaults(func=cmd_train_lens)
 
 
+def cmd_pretrained_list(args: argparse.Namespace) -> None:  # noqa: ARG001
+    from mlsae_lens.pretrained import format_registry_table
+
+    print(format_registry_table())
+    print("\nEvery SAE id X is also available as X-tfm (the training module, with the lens of -lens SAEs).")
+
+
+def cmd_pretrained_convert(args: argparse.Namespace) -> None:
+    from mlsae_lens.pretrained import convert_to_run
+
+    overrides = {name: getattr(args, name) for name in ("dataset", "text_column", "context_size")
+                 if getattr(args, name) is not None}
+    out = convert_to_run(args.release, args.sae_id, args.output, local_dir=args.local_dir, lens=args.lens,
+                         overwrite=args.overwrite, run_overrides=overrides)
+    print(f"run directory: {out} (next: mlsae-lens analyze {out})")
+
+
+def add_pretrained_parser(sub: Any) -> None:
+    pretrained = sub.add_parser(
+        "pretrained", help="list the published MLSAEs, or convert one into a run directory",
+        description="The release registry (mlsae_lens/pretrained_saes.yaml): the paper's published "
+        "MLSAEs tim-lawson/mlsae-<model>-x<R>-k<k>[-lens][-tfm]. `list` prints it; `convert` turns "
+        "one into a run directory that analyze, eval and explore read.")
+    actions = pretrained.add_subparsers(dest="pretrained_command", required=True, metavar="ACTION")
+    actions.add_parser("list", help="print the registry: release, SAE ids, hub repository, model, layers, lens",
+                       description="Print every registered release and SAE id as a table."
+                       ).set_defaults(func=cmd_pretrained_list)
+    convert = actions.add_parser(
+        "convert", help="convert a published MLSAE into an mlsae-lens run directory",
+        description="Download (or read from --local-dir) a published checkpoint, convert it exactly, and "
+        "write cfg.json + sae_weights.safetensors + run.json into --output. -lens SAEs map tuned-lens "
+        "translator l to blocks.{l}.hook_resid_post, as the checkpoints were trained (one block off "
+        "tuned-lens' own convention).")
+    convert.add_argument("release", metavar="RELEASE", help="a release of `mlsae-lens pretrained list`")
+    convert.add_argument("sae_id", metavar="SAE_ID", help="one of the release's SAE ids, e.g. x64-k32")
+    convert.add_argument("--output", required=True, metavar="DIR", help="the run directory to write")
+    convert.add_argument("--local-dir", default=None, metavar="PATH",
+                         help="already-downloaded config.json + model.safetensors (default: the hub)")
+    convert.add_argument("--lens", default=None, metavar="PATH",
+                         help="tuned lens of a -lens SAE: a tuned-lens directory (params.pt + config.json) "
+                         "or a .safetensors file (default: the -tfm checkpoint's own, else tuned-lens' "
+                         "pretrained lens from the hub)")
+    convert.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    for name in ("dataset", "text_column", "context_size"):
+        f = next(f for f in dataclasses.fields(MultiLayerRunnerConfig) if f.name == name)
+        convert.add_argument("--" + name.replace("_", "-"), default=None,
+                             type=int_with_underscores if name == "context_size" else str,
+                             help=f"{f.metadata['help']}, for analyze and eval (default: {f.default})")
+    convert.set_defaults(func=cmd_pretrained_convert)
+
+
 def cmd_explore(args: argparse.Namespace) -> None:
     from mlsae_lens.explorer import explore_run, serve
 
@@ -327,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_cache_parser(sub)
     add_train_lens_parser(sub)
+    add_pretrained_parser(sub)
     return parser
 
 

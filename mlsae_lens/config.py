@@ -61,6 +61,10 @@ class MultiLayerRunnerConfig:
         32, "contexts harvested together; their tokens are shuffled across contexts and layers"
     )
     model_batch_size: int = option(8, "contexts per model forward pass")
+    encoder_matmul_dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "auto", "dtype of the encoder's dense matmul, the one O(d_sae) step: auto = bfloat16 (and TF32 "
+        "elsewhere) on CUDA, float32 on CPU; parameters, gradients and Adam stay float32"
+    )
     lr: float = option(1e-4, "Adam learning rate (reference: 1e-4)")
     adam_eps: float = option(6.25e-10, "Adam epsilon (reference: 6.25e-10)")
     adam_beta1: float = option(0.9, "Adam beta1")
@@ -117,6 +121,10 @@ class MultiLayerRunnerConfig:
                 f"--normalization must be one of {NORMALIZATION_MODES}, got {self.normalization!r}",
             ),
             (
+                self.encoder_matmul_dtype in ("auto", "float32", "bfloat16"),
+                f"--encoder-matmul-dtype must be auto, float32 or bfloat16, got {self.encoder_matmul_dtype!r}",
+            ),
+            (
                 self.lr_decay in ("none", "linear", "cosine"),
                 f"--lr-decay must be none, linear or cosine, got {self.lr_decay!r}",
             ),
@@ -166,5 +174,5 @@ class MultiLayerRunnerConfig:
 
 
 # Fields that may differ when resuming a run: they do not change what was trained so far.
-RESUMABLE_FIELDS = {"resume", "training_tokens", "checkpoint_every_tokens", "log_every_steps",
+RESUMABLE_FIELDS = {"resume", "training_tokens", "encoder_matmul_dtype", "checkpoint_every_tokens", "log_every_steps",
                     "device", "log_to_wandb", "wandb_project", "output_dir"}

@@ -438,11 +438,12 @@ class MultiLayerSAE(MultiLayerMixin, SAE[MultiLayerSAEConfig]):
         **kwargs: Any,
     ) -> "MultiLayerSAE":
         """A release from mlsae-lens' registry (``mlsae_lens/pretrained_saes.yaml``, incl. the
-        paper's published checkpoints), else SAELens' own ``from_pretrained``."""
+        paper's published checkpoints; ``lens=PATH`` gives a ``-lens`` SAE its tuned lens), else
+        SAELens' own ``from_pretrained``."""
         from mlsae_lens.pretrained import from_pretrained, release_registry
 
         if release in release_registry():
-            return from_pretrained(release, sae_id, local_dir=local_dir, device=device)
+            return from_pretrained(release, sae_id, local_dir=local_dir, device=device, lens=kwargs.get("lens"))
         return super().from_pretrained(release, sae_id, device=device, **kwargs)  # type: ignore[return-value]
 
     @override

@@ -55,6 +55,7 @@ from mlsae_lens.distributed import (
     rank_device,
 )
 from mlsae_lens.errors import MLSAEError
+from mlsae_lens import sparse_ops
 from mlsae_lens.sae import MultiLayerTrainingSAE, MultiLayerTrainingSAEConfig
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,18 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MLSAEError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
     return device
+
+
+def encoder_matmul_dtype(choice: str, device: str) -> torch.dtype | None:
+    """The encoder matmul's dtype for ``--encoder-matmul-dtype``: on CUDA ``auto`` is bfloat16
+    (the matmul is the step's floor; top-k over bf16 pre-activations picks the same latents up
+    to near-ties) with TF32 for the remaining fp32 matmuls; on CPU bf16 GEMMs are slower, so fp32."""
+    on_cuda = str(device).startswith("cuda")
+    if on_cuda:
+        sparse_ops.enable_tf32()
+    if choice == "bfloat16" or (choice == "auto" and on_cuda):
+        return torch.bfloat16
+    return None
 
 
 def lr_lambda(cfg: MultiLayerRunnerConfig, total_steps: int):
@@ -186,6 +199,7 @@ class MultiLayerSAETrainingRunner:
             self.sae.layer_variance_fn = global_layer_variance
         if lens is not None:
             self.sae.set_tuned_lens(*lens)  # frozen buffers, saved with the SAE
+        self.sae.matmul_dtype = encoder_matmul_dtype(cfg.encoder_matmul_dtype, self.device)
         self.optimizer = torch.optim.Adam(
             self.sae.parameters(),
             lr=cfg.lr,
@@ -374,6 +388,8 @@ class MultiLayerSAETrainingRunner:
         next_checkpoint = (self.state.tokens // cfg.effective_checkpoint_every_tokens + 1) * cfg.effective_checkpoint_every_tokens
         started = time.perf_counter()
         start_tokens = self.state.tokens
+        # Wall time is logged cumulatively across resumes (eval's training-time column reads it).
+        seconds_before = float(self.state.log[-1].get("seconds", 0.0)) if self.state.log else 0.0
         try:
             with tqdm(total=cfg.training_tokens, initial=self.state.tokens, desc="training", unit="tok") as bar:
                 while self.state.tokens < cfg.training_tokens:
@@ -387,7 +403,8 @@ class MultiLayerSAETrainingRunner:
                     bar.update(batch.shape[0])
                     if self.state.step % cfg.log_every_steps == 0 or self.state.tokens >= cfg.training_tokens:
                         rate = (self.state.tokens - start_tokens) / max(1e-9, time.perf_counter() - started)
-                        record = {"step": self.state.step, "tokens": self.state.tokens, **metrics}
+                        seconds = seconds_before + time.perf_counter() - started
+                        record = {"step": self.state.step, "tokens": self.state.tokens, "seconds": round(seconds, 3), **metrics}
                         self.state.log.append(record)
                         bar.set_postfix(tok_s=f"{rate:.0f}", loss=f"{metrics['loss']:.3f}", fvu=f"{metrics['fvu']:.3f}",
                                         l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead_fraction']:.2f}")
