@@ -38,6 +38,7 @@ from mlsae_lens.activations import ActivationStream, ActivationStreamConfig
 from mlsae_lens.checkpoint import atomic_save_sae, atomic_write_json
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
+from mlsae_lens.normalization import normalize
 from mlsae_lens.sae import MultiLayerMixin, TopKOutput
 
 logger = logging.getLogger(__name__)
@@ -135,11 +136,23 @@ def per_layer_batches(
     """SAELens' multi-hook data provider: each harvested batch, normalized by the MLSAE's own
     normalization, sliced into one ``[batch, d_in]`` tensor per layer (``bar`` counts tokens:
     SAELens' own bar only moves every 100 steps)."""
+    means = model_basis_layer_means(sae)
     for _, _, batch in stream.batches():
-        x_norm, _ = sae.normalize_input(batch)
+        # The model's own basis, even for a tuned-lens MLSAE: a per-layer SAE is what a user
+        # would train instead, and an affine lens in front of one layer's SAE adds nothing.
+        x_norm, _ = normalize(batch.to(sae.dtype), sae.cfg.normalization, means)
         if bar is not None:
             bar.update(batch.shape[0])
         yield {hook_name(layer): x_norm[:, layer].contiguous() for layer in layers}
+
+
+@torch.no_grad()
+def model_basis_layer_means(sae: MultiLayerMixin) -> Tensor | None:
+    """The run's ``center`` means in the model's basis: a tuned-lens MLSAE stores them in the lens
+    basis, and since each translator is affine, the inverse of the translated mean is the mean."""
+    if sae.cfg.normalization != "center":
+        return None
+    return sae.from_lens_basis(sae.layer_means[None])[0]
 
 
 @torch.no_grad()
@@ -189,11 +202,6 @@ def train_saelens_per_layer(
     Returns:
         The dict saved to ``training.json`` (seconds, tokens, hyper-parameters).
     """
-    if getattr(sae.cfg, "tuned_lens", False):
-        raise MLSAEError(
-            "the per-layer SAELens baseline is not available for tuned-lens MLSAEs yet (their "
-            "inputs live in the lens basis); evaluate with --baseline pca, or a standard run"
-        )
     tokens = training_tokens or cfg.training_tokens
     if tokens <= 0:
         raise MLSAEError(f"--baseline-training-tokens must be positive, got {tokens}")
@@ -260,8 +268,8 @@ def train_saelens_per_layer(
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, trained in saes.items():
         layer = int(name.split("_")[1])
-        mean = sae.layer_means[layer] if scfg.normalization == "center" else None
-        fold_normalization(trained, scfg.normalization, mean)
+        means = model_basis_layer_means(sae)
+        fold_normalization(trained, scfg.normalization, None if means is None else means[layer])
         target = out_dir / name
         target.mkdir(exist_ok=True)
         atomic_save_sae(trained, target)
@@ -276,6 +284,7 @@ def train_saelens_per_layer(
         "batch_size_tokens": cfg.batch_size_tokens,
         "lr": cfg.lr,
         "trainer": "sae_lens.training.multi_sae_trainer.MultiSAETrainer",
+        "basis": "model (hook_resid_post as is; a tuned-lens MLSAE's lens is not applied)",
         "data": "the MLSAE run's training stream (same contexts, order and seed), harvested once "
         "per chunk and sliced per layer",
     }

@@ -38,6 +38,28 @@ this many dead latents per selected one: gathers run ~50x slower per multiply-ad
 CPU, and ``aux_k`` (``d_in // 2``) is usually a large share of the few dead latents."""
 
 
+DENSE_GEMM_BACKWARD: bool | None = None
+"""Backward through dense GEMMs over a scattered ``[N, d_sae]`` gradient instead of sparse
+products: ``None`` = on CUDA only. On a GPU a GEMM of that size costs less than the top-k itself,
+while ``torch.sparse.mm`` (COO → coalesce with a host sync → cuSPARSE) and row gathers of
+``N·k × d_in`` took ~80 % of an H100 step; on a CPU the sparse products win by far."""
+
+
+def use_dense_gemm(t: Tensor) -> bool:
+    """Whether the backward of tensors on ``t``'s device goes through dense GEMMs (see above)."""
+    return t.device.type == "cuda" if DENSE_GEMM_BACKWARD is None else DENSE_GEMM_BACKWARD
+
+
+def transposed_code_matmul(index: Tensor, rows: Tensor, values: Tensor, n_latents: int, n_rows: int, dense: Tensor) -> Tensor:
+    """``Gᵀ @ dense`` for the sparse ``[n_rows, n_latents]`` matrix ``G[rows[e], index[e]] += values[e]``
+    (duplicates summed), as ``[n_latents, d]``: a sparse product on CPU, a scatter + GEMM on GPU."""
+    if use_dense_gemm(dense):
+        G = values.new_zeros(n_rows, n_latents).index_put_((rows, index), values, accumulate=True)
+        return G.t() @ dense.to(values.dtype)
+    G_t = torch.sparse_coo_tensor(torch.stack([index, rows]), values, (n_latents, n_rows), check_invariants=False)
+    return torch.sparse.mm(G_t, dense.to(values.dtype))
+
+
 def aux_is_dense(n_dead: int, aux_k: int) -> bool:
     """Whether the AuxK code is handled as a dense ``[N, n_dead]`` block (see above)."""
     return n_dead <= AUX_DENSE_MAX_RATIO * aux_k
@@ -137,11 +159,8 @@ class SparseTopKEncode(torch.autograd.Function):
         if need_w:
             rows = torch.arange(n, device=index.device).repeat_interleave(width)
             # [d_sae, N] sparse times [N, d_in]; duplicates (main and aux picking the same
-            # latent) are summed by sparse.mm.
-            G_t = torch.sparse_coo_tensor(
-                torch.stack([flat_index, rows]), flat_g, (d_sae, n), check_invariants=False
-            )
-            grad_W_enc_t = torch.sparse.mm(G_t, centered.to(W_enc.dtype))  # [d_sae, d_in]
+            # latent) are summed.
+            grad_W_enc_t = transposed_code_matmul(flat_index, rows, flat_g, d_sae, n, centered)  # [d_sae, d_in]
             if aux_block is not None:  # rows of the [d_sae, d_in] layout are contiguous
                 _add_rows_(grad_W_enc_t, dead, aux_block.t() @ centered)
             grad_W_enc = grad_W_enc_t.t()
@@ -228,6 +247,10 @@ class SparseDecode(torch.autograd.Function):
         ctx: FunctionCtx, flat_indices: Tensor, offsets: Tensor, bag_of_entry: Tensor, flat_values: Tensor, W_dec: Tensor
     ) -> Tensor:
         ctx.save_for_backward(flat_indices, offsets, bag_of_entry, flat_values, W_dec)
+        if use_dense_gemm(W_dec):  # scatter the code, one GEMM (see DENSE_GEMM_BACKWARD)
+            n_bags = offsets.shape[0]
+            code = flat_values.new_zeros(n_bags, W_dec.shape[0]).index_put_((bag_of_entry, flat_indices), flat_values, accumulate=True)
+            return code @ W_dec
         return F.embedding_bag(flat_indices, W_dec, offsets, per_sample_weights=flat_values, mode="sum")
 
     @staticmethod
@@ -238,13 +261,7 @@ class SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             grad_values = _entry_dot(grad_out, W_dec, flat_indices, offsets, bag_of_entry)
         if ctx.needs_input_grad[4]:
-            G_t = torch.sparse_coo_tensor(
-                torch.stack([flat_indices, bag_of_entry]),
-                flat_values,
-                (W_dec.shape[0], grad_out.shape[0]),
-                check_invariants=False,
-            )
-            grad_W = torch.sparse.mm(G_t, grad_out)
+            grad_W = transposed_code_matmul(flat_indices, bag_of_entry, flat_values, W_dec.shape[0], grad_out.shape[0], grad_out)
         return None, None, None, grad_values, grad_W
 
 
@@ -253,6 +270,8 @@ def _entry_dot(grad_out: Tensor, W_dec: Tensor, flat_indices: Tensor, offsets: T
 
     Uses the kernel of ``embedding_bag``'s own per-sample-weights backward when present.
     """
+    if use_dense_gemm(grad_out):  # one [N, d_sae] GEMM, then a gather: no N·k × d_in rows
+        return (grad_out @ W_dec.t())[bag_of_entry, flat_indices]
     op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
     if op is not None and grad_out.device.type == "cpu":
         return op(grad_out, W_dec, flat_indices, offsets, bag_of_entry, 0, -1)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from sae_lens.saes.sae import TrainStepInput
 
+from mlsae_lens import sparse_ops
 from mlsae_lens.sae import MultiLayerTrainingSAE, MultiLayerTrainingSAEConfig
 from mlsae_lens.sparse_ops import (
     SparseCode,
@@ -70,8 +71,15 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=[False, True], ids=["sparse-products", "gpu-style-dense-gemms"])
+def backward_path(request, monkeypatch):
+    """Both backward strategies (sparse products as on CPU; scatter + GEMM as on CUDA), on CPU."""
+    monkeypatch.setattr(sparse_ops, "DENSE_GEMM_BACKWARD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize(("k", "dead", "aux_k"), CASES)
-def test_sparse_encode_and_decode_equal_dense_autograd_in_values_loss_and_every_gradient(k, dead, aux_k) -> None:
+def test_sparse_encode_and_decode_equal_dense_autograd_in_values_loss_and_every_gradient(k, dead, aux_k, backward_path) -> None:
     ref_code, ref_loss, ref_grads = loss_and_grads(dense_topk_encode, dense_decode, params(), k, dead, aux_k)
     code, loss, grads = loss_and_grads(topk_encode, sparse_decode, params(), k, dead, aux_k)
     torch.testing.assert_close(dense_code(code.values, code.indices), dense_code(ref_code.values, ref_code.indices))
@@ -93,7 +101,7 @@ def test_both_auxk_branches_are_exercised_by_the_cases() -> None:
     assert branches == {True, False}
 
 
-def test_sparse_gradients_match_in_float32_too() -> None:
+def test_sparse_gradients_match_in_float32_too(backward_path) -> None:
     dead = torch.arange(D_SAE) % 4 == 1
     _, ref_loss, ref_grads = loss_and_grads(dense_topk_encode, dense_decode, params(torch.float32), 3, dead, 4)
     _, loss, grads = loss_and_grads(topk_encode, sparse_decode, params(torch.float32), 3, dead, 4)
@@ -143,7 +151,7 @@ def make_sae(dense: bool, aux_k: int) -> MultiLayerTrainingSAE:
     ("dead", "aux_k"),
     [(None, 6), (torch.arange(48) % 5 == 0, 6), (torch.arange(48) == 3, 6), (torch.arange(48) < 40, 2)],
 )
-def test_training_step_of_sparse_and_dense_reference_sae_give_the_same_loss_and_gradients(dead, aux_k) -> None:
+def test_training_step_of_sparse_and_dense_reference_sae_give_the_same_loss_and_gradients(dead, aux_k, backward_path) -> None:
     x = torch.randn(16, 3, 12, dtype=torch.float64) * 3 + 1
     outs, grads = [], []
     for dense in (True, False):

@@ -215,3 +215,36 @@ def test_runner_trains_with_frozen_translators_saved_in_the_sae(tiny_model, tiny
     raw = estimate_layer_means(tiny_model, tiny_splits.train,
                                special_token_mask(tiny_splits.train, tiny_model.tokenizer), 60, 2)
     torch.testing.assert_close(sae.layer_means, sae.to_lens_basis(raw), rtol=1e-5, atol=1e-5)
+
+
+def test_per_layer_saelens_baseline_of_a_tuned_lens_run_trains_in_the_model_basis(tiny_model, tiny_splits, tmp_path):
+    import json
+    import math
+
+    from mlsae_lens.activations import estimate_layer_means
+    from mlsae_lens.baselines import model_basis_layer_means
+    from mlsae_lens.data import special_token_mask
+    from mlsae_lens.evals import EvalOptions, evaluate_run
+
+    save_lens(known_lens(tiny_model), tmp_path / "lens")
+    cfg = MultiLayerRunnerConfig(
+        model_name="tiny", output_dir=str(tmp_path / "run"), context_size=16, expansion_factor=4, k=4,
+        training_tokens=45, batch_size_tokens=15, contexts_per_chunk=4, model_batch_size=2, lr=1e-3,
+        normalization="center", center_estimation_tokens=60, tuned_lens=str(tmp_path / "lens"), seed=3,
+    )
+    runner = MultiLayerSAETrainingRunner(cfg, model=tiny_model, splits=tiny_splits)
+    runner.run()
+    raw = estimate_layer_means(tiny_model, tiny_splits.train,
+                               special_token_mask(tiny_splits.train, tiny_model.tokenizer), 60, 2)
+    # the lens-basis means mapped back are the raw means (the lens is affine)
+    torch.testing.assert_close(model_basis_layer_means(runner.sae), raw, rtol=1e-4, atol=1e-4)
+    options = EvalOptions(tokens=30, downstream_tokens=15, baselines=("saelens-per-layer",), layers="0,2", batch_size=2)
+    evaluate_run(cfg.output_dir, options, model=tiny_model, splits=tiny_splits, report=False)
+    saved = json.loads((Path(cfg.output_dir) / "eval.json").read_text())
+    per_layer = saved["methods"]["saelens-per-layer"]
+    assert all(math.isfinite(v) for v in per_layer["per_layer"]["fvu"])
+    for layer in (0, 2):  # each folded SAE adds the raw (model-basis) mean back: b_dec carries it
+        sae = SAE.load_from_disk(Path(cfg.output_dir) / "baselines" / "saelens-per-layer" / f"layer_{layer}")
+        assert sae.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
+    info = json.loads((Path(cfg.output_dir) / "baselines" / "saelens-per-layer" / "training.json").read_text())
+    assert info["basis"].startswith("model")
