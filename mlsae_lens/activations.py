@@ -12,6 +12,7 @@ chunk it stopped in and skips the batches it already used.
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,19 +30,24 @@ def resid_post_hook_names(n_layers: int) -> list[str]:
 def harvest_resid_post(model: HookedTransformer, tokens: Tensor) -> Tensor:
     """Residual stream after every block: ``[batch, pos, n_layers, d_model]`` (float32).
 
-    Uses ``run_with_cache`` with a names filter on the ``hook_resid_post`` hooks and
-    ``stop_at_layer=n_layers``, so the final norm and unembedding never run.
+    Each ``hook_resid_post`` hook writes straight into one preallocated output (no activation
+    cache, no stack copy) and the forward stops after the last block
+    (``stop_at_layer=n_layers``), so the final norm and unembedding never run.
     """
-    n_layers = model.cfg.n_layers
-    names = resid_post_hook_names(n_layers)
-    _, cache = model.run_with_cache(
-        tokens.to(model.cfg.device),
-        names_filter=lambda name: name in names,
-        stop_at_layer=n_layers,
-        return_type=None,
-    )
-    stacked = torch.stack([cache[name] for name in names], dim=2)
-    return stacked.float()
+    n_layers, device = model.cfg.n_layers, model.cfg.device
+    tokens = tokens.to(device)
+    out = torch.empty(*tokens.shape, n_layers, model.cfg.d_model, dtype=torch.float32, device=device)
+
+    def writer(layer: int):
+        def hook(act: Tensor, hook: Any) -> None:
+            out[:, :, layer] = act
+
+        return hook
+
+    hooks = [(name, writer(layer)) for layer, name in enumerate(resid_post_hook_names(n_layers))]
+    with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        model(tokens, stop_at_layer=n_layers)
+    return out
 
 
 def check_finite(acts: Tensor, where: str) -> None:
