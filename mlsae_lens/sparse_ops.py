@@ -39,21 +39,28 @@ CPU, and ``aux_k`` (``d_in // 2``) is usually a large share of the few dead late
 
 
 DENSE_GEMM_BACKWARD: bool | None = None
-"""Backward through dense GEMMs over a scattered ``[N, d_sae]`` gradient instead of sparse
-products: ``None`` = on CUDA only. On a GPU a GEMM of that size costs less than the top-k itself,
-while ``torch.sparse.mm`` (COO → coalesce with a host sync → cuSPARSE) and row gathers of
-``N·k × d_in`` took ~80 % of an H100 step; on a CPU the sparse products win by far."""
+"""Decode and weight gradients through dense GEMMs over a scattered ``[N, d_sae]`` code instead
+of sparse products: ``None`` = on CUDA up to :data:`DENSE_GEMM_MAX_LATENTS` latents. On an H100
+at d_sae = 8·576, cuSPARSE products (COO → coalesce with a host sync) and ``N·k × d_in`` row
+gathers took ~80 % of the step and the GEMMs cut it from 39 to 22 ms; at 64·576 the dense
+``[N, d_sae]`` buffers cost more than they save (78 → 102 ms), so wide SAEs stay sparse. On a
+CPU the sparse products win at every width."""
+
+DENSE_GEMM_MAX_LATENTS = 16_384
 
 
-def use_dense_gemm(t: Tensor) -> bool:
-    """Whether the backward of tensors on ``t``'s device goes through dense GEMMs (see above)."""
-    return t.device.type == "cuda" if DENSE_GEMM_BACKWARD is None else DENSE_GEMM_BACKWARD
+def use_dense_gemm(t: Tensor, n_latents: int) -> bool:
+    """Whether products with a code over ``n_latents`` latents on ``t``'s device go through
+    dense GEMMs (see :data:`DENSE_GEMM_BACKWARD`)."""
+    if DENSE_GEMM_BACKWARD is not None:
+        return DENSE_GEMM_BACKWARD
+    return t.device.type == "cuda" and n_latents <= DENSE_GEMM_MAX_LATENTS
 
 
 def transposed_code_matmul(index: Tensor, rows: Tensor, values: Tensor, n_latents: int, n_rows: int, dense: Tensor) -> Tensor:
     """``Gᵀ @ dense`` for the sparse ``[n_rows, n_latents]`` matrix ``G[rows[e], index[e]] += values[e]``
     (duplicates summed), as ``[n_latents, d]``: a sparse product on CPU, a scatter + GEMM on GPU."""
-    if use_dense_gemm(dense):
+    if use_dense_gemm(dense, n_latents):
         G = values.new_zeros(n_rows, n_latents).index_put_((rows, index), values, accumulate=True)
         return G.t() @ dense.to(values.dtype)
     G_t = torch.sparse_coo_tensor(torch.stack([index, rows]), values, (n_latents, n_rows), check_invariants=False)
@@ -247,7 +254,7 @@ class SparseDecode(torch.autograd.Function):
         ctx: FunctionCtx, flat_indices: Tensor, offsets: Tensor, bag_of_entry: Tensor, flat_values: Tensor, W_dec: Tensor
     ) -> Tensor:
         ctx.save_for_backward(flat_indices, offsets, bag_of_entry, flat_values, W_dec)
-        if use_dense_gemm(W_dec):  # scatter the code, one GEMM (see DENSE_GEMM_BACKWARD)
+        if use_dense_gemm(W_dec, W_dec.shape[0]):  # scatter the code, one GEMM (see DENSE_GEMM_BACKWARD)
             n_bags = offsets.shape[0]
             code = flat_values.new_zeros(n_bags, W_dec.shape[0]).index_put_((bag_of_entry, flat_indices), flat_values, accumulate=True)
             return code @ W_dec
@@ -270,7 +277,7 @@ def _entry_dot(grad_out: Tensor, W_dec: Tensor, flat_indices: Tensor, offsets: T
 
     Uses the kernel of ``embedding_bag``'s own per-sample-weights backward when present.
     """
-    if use_dense_gemm(grad_out):  # one [N, d_sae] GEMM, then a gather: no N·k × d_in rows
+    if use_dense_gemm(grad_out, W_dec.shape[0]):  # one [N, d_sae] GEMM, then a gather: no N·k × d_in rows
         return (grad_out @ W_dec.t())[bag_of_entry, flat_indices]
     op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
     if op is not None and grad_out.device.type == "cpu":
