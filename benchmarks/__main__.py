@@ -62,7 +62,8 @@ def bench_train(s: Sizes, device: str = "cpu") -> dict[str, dict[str, float]]:
         args = (s.d_in, d_sae, s.k, s.vectors)
         times = interleaved_medians(
             {"mlsae": train.mlsae_step(*args, device=device), "floor": train.floor_step(*args, device=device),
-             "mlsae_no_dead": train.mlsae_step(*args, dead_fraction=0.0, device=device)},
+             "mlsae_no_dead": train.mlsae_step(*args, dead_fraction=0.0, device=device),
+             "mlsae_1pct_dead": train.mlsae_step(*args, dead_fraction=0.01, device=device)},
             repeats=s.train_repeats,
         )
         times |= interleaved_medians(
@@ -88,6 +89,7 @@ def bench_train(s: Sizes, device: str = "cpu") -> dict[str, dict[str, float]]:
             "saelens_vs_floor": times["saelens"] / times["floor_saelens"],
             "train_vs_floor_default_adam": default_adam["mlsae"] / default_adam["floor"],
             "train_vs_floor_no_dead": times["mlsae_no_dead"] / times["floor"],
+            "train_vs_floor_1pct_dead": times["mlsae_1pct_dead"] / times["floor"],
         }
         logger.info("train R=%d: %s", r, out[f"R{r}"])
     return out

@@ -17,8 +17,8 @@ def make_adam(params, fused: bool) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=1e-4, fused=True) if fused else torch.optim.Adam(params, lr=1e-4)
 
 
-def dead_mask(d_sae: int, device: str = "cpu") -> torch.Tensor:
-    return torch.arange(d_sae, device=device) % round(1 / DEAD_FRACTION) == 0
+def dead_mask(d_sae: int, device: str = "cpu", fraction: float = DEAD_FRACTION) -> torch.Tensor:
+    return torch.arange(d_sae, device=device) % round(1 / fraction) == 0
 
 
 def gpu_matmul_dtype(device: str) -> torch.dtype | None:
@@ -42,7 +42,7 @@ def mlsae_step(d_in: int, d_sae: int, k: int, vectors: int, n_layers: int = 8, d
     sae.matmul_dtype = gpu_matmul_dtype(device)
     opt = make_adam(sae.parameters(), fused_adam)
     x = torch.randn(vectors // n_layers, n_layers, d_in, device=device)
-    dead = dead_mask(d_sae, device) if dead_fraction > 0 else torch.zeros(d_sae, dtype=torch.bool, device=device)
+    dead = dead_mask(d_sae, device, dead_fraction) if dead_fraction > 0 else torch.zeros(d_sae, dtype=torch.bool, device=device)
 
     def step() -> None:
         out = sae.training_forward_pass(step_input(x, dead))

@@ -320,7 +320,11 @@ def decode_dead(values: Tensor, indices: Tensor, dead_mask: Tensor, W_dec: Tenso
     dead = dead_mask.nonzero().squeeze(1)
     if not aux_is_dense(dead.numel(), indices.shape[-1]):
         return sparse_decode([(values, indices)], W_dec)[0]
-    local = torch.searchsorted(dead, indices)
+    # Column of each index among the dead latents: one gather from an inverse map (a binary
+    # search per entry, torch.searchsorted, took ~6 % of a CPU step at 10 % dead latents).
+    column = torch.empty(W_dec.shape[0], dtype=torch.long, device=dead.device)
+    column[dead] = torch.arange(dead.numel(), device=dead.device)
+    local = column[indices]
     block = values.new_zeros(values.shape[0], dead.numel()).scatter(1, local, values)
     return block.to(W_dec.dtype) @ TakeRows.apply(W_dec, dead)
 
