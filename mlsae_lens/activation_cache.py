@@ -32,6 +32,7 @@ from mlsae_lens.activations import (
 )
 from mlsae_lens.checkpoint import atomic_save_file, atomic_write_json, check_not_pickle
 from mlsae_lens.errors import MLSAEError
+from mlsae_lens.memory import resolve_model_batch_size
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +85,13 @@ def write_activation_cache(
     model = model if model is not None else load_model(cfg.model_name, device=device)
     splits = splits if splits is not None else cfg.load_token_splits(model.tokenizer)
     tokens, mask = splits.train, special_token_mask(splits.train, model.tokenizer)
+    batch = resolve_model_batch_size(cfg.model_batch_size, model.cfg, tokens.shape[1], device)
     shards = []
     for index, start in enumerate(range(0, tokens.shape[0], contexts_per_shard)):
         stop = min(start + contexts_per_shard, tokens.shape[0])
         parts = []
-        for i in range(start, stop, cfg.model_batch_size):
-            j = min(i + cfg.model_batch_size, stop)
+        for i in range(start, stop, batch):
+            j = min(i + batch, stop)
             acts = harvest_resid_post(model, tokens[i:j])
             check_finite(acts, f"contexts {i}-{j}")
             parts.append(valid_token_vectors(acts, mask[i:j]).cpu())

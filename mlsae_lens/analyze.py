@@ -56,6 +56,7 @@ from mlsae_lens.analysis.residual import ResidualNormResult, ResidualNormStats
 from mlsae_lens.checkpoint import atomic_write_json
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
+from mlsae_lens.memory import FLOAT_BYTES, resolve_model_batch_size
 from mlsae_lens.figures import (
     adjacent_cosine_figure,
     eval_metrics_figure,
@@ -92,7 +93,8 @@ class AnalysisOptions:
     prompt: str = DEFAULT_PROMPT
     """Prompt of the single-prompt heatmap and the per-token view."""
     batch_size: int | None = None
-    """Contexts per model forward pass (default: the run's ``model_batch_size``)."""
+    """Contexts per model forward pass (default: sized from the free memory, see
+    :mod:`mlsae_lens.memory`; the value used is recorded in ``metrics.json``)."""
     weighting: Weighting = "uniform_tokens"
     """``uniform_tokens`` (the paper's P(T|J)) or ``activation_mass`` (the reference heatmaps)."""
     centered_tokens: int | None = None
@@ -552,7 +554,14 @@ def analyze_run(
     from mlsae_lens.explorer import finalize_top_contexts, start_or_resume_top_contexts
 
     stats.top = start_or_resume_top_contexts(run_dir, stats, options, run.sae)
-    batch_size = options.batch_size or run.cfg.model_batch_size
+    # Sized from this machine's free memory, not the run's: analysis may run elsewhere. The SAE's
+    # dense pre-activations are bounded separately (_ENCODE_CHUNK_ELEMENTS); per token the pass
+    # also keeps the valid-token copy of every layer's vector.
+    mcfg = run.model.cfg
+    batch_size = resolve_model_batch_size(
+        options.batch_size, mcfg, run.test.shape[1], mcfg.device, what="--batch-size",
+        extra_bytes_per_token=FLOAT_BYTES * mcfg.n_layers * mcfg.d_model,
+    )
     path = run_dir / STATS_FILE
     start = time.perf_counter()
     if stats.progress["phase"] == "latents":

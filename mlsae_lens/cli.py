@@ -167,7 +167,8 @@ def add_eval_parser(sub: Any) -> None:
                     help="add a baseline (repeatable): pca, saelens-per-layer")
     ev.add_argument("--layers", default="all", help="'all' or layer indices like 0,5,10 (default: %(default)s)")
     ev.add_argument("--batch-size", type=int_with_underscores, default=None,
-                    help="contexts per model forward pass (default: the run's --model-batch-size)")
+                    help="contexts per model forward pass: memory and speed only (default: sized from the "
+                    "free memory, logged and recorded in the output)")
     ev.add_argument("--baseline-training-tokens", type=int_with_underscores, default=None,
                     help="training tokens per per-layer SAE (default: the MLSAE's --training-tokens)")
     ev.add_argument("--retrain-baselines", action="store_true",
@@ -219,7 +220,9 @@ def add_train_lens_parser(sub: Any) -> None:
                        ("lr_scale", float), ("momentum", float), ("weight_decay", float),
                        ("model_batch_size", int), ("seed", int)):
         tl.add_argument("--" + name.replace("_", "-"), type=int_with_underscores if kind is int else kind,
-                        default=getattr(defaults, name), help="(default: %(default)s)")
+                        default=getattr(defaults, name),
+                        help="(default: auto, sized from the free memory)" if name == "model_batch_size"
+                        else "(default: %(default)s)")
     for name in ("dataset", "text_column", "context_size", "test_fraction", "max_corpus_tokens"):
         f = next(f for f in dataclasses.fields(MultiLayerRunnerConfig) if f.name == name)
         kind = {"context_size": int_with_underscores, "max_corpus_tokens": int_with_underscores,
@@ -307,7 +310,8 @@ def add_analyze_parsers(sub: Any) -> None:
     analyze.add_argument("--prompt", default=DEFAULT_PROMPT,
                          help="prompt of the single-prompt heatmap (default: %(default)r)")
     analyze.add_argument("--batch-size", type=int_with_underscores, default=None,
-                         help="contexts per model forward pass (default: the run's --model-batch-size)")
+                         help="contexts per model forward pass: memory and speed only (default: sized "
+                         "from the free memory, logged and recorded in the output)")
     analyze.add_argument("--weighting", choices=list(WEIGHTINGS), default=defaults.weighting,
                          help="P(T|J): uniform over active tokens (the paper) or by activation mass "
                          "(the reference heatmaps) (default: %(default)s)")

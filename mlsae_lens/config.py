@@ -56,11 +56,20 @@ class MultiLayerRunnerConfig:
     training_tokens: int = option(
         50_000, "training tokens (each brings n_layers vectors); special tokens do not count"
     )
-    batch_size_tokens: int = option(64, "tokens per optimizer step (x n_layers vectors)")
+    batch_size_tokens: int = option(
+        64,
+        "tokens per optimizer step (x n_layers vectors); never chosen from memory like "
+        "--model-batch-size, because it changes what is trained",
+    )
     contexts_per_chunk: int = option(
         32, "contexts harvested together; their tokens are shuffled across contexts and layers"
     )
-    model_batch_size: int = option(8, "contexts per model forward pass")
+    model_batch_size: int | None = option(
+        None,
+        "contexts per model forward pass (memory and speed only, not what is trained); None: "
+        "sized from the device's free memory, logged and recorded in run.json (a resumed run "
+        "reuses the recorded value)",
+    )
     encoder_matmul_dtype: Literal["auto", "float32", "bfloat16"] = option(
         "auto", "dtype of the encoder's dense matmul, the one O(d_sae) step: auto = bfloat16 (and TF32 "
         "elsewhere) on CUDA, float32 on CPU; parameters, gradients and Adam stay float32"
@@ -114,7 +123,10 @@ class MultiLayerRunnerConfig:
             (self.training_tokens > 0, "--training-tokens must be positive"),
             (self.batch_size_tokens > 0, "--batch-size-tokens must be positive"),
             (self.contexts_per_chunk > 0, "--contexts-per-chunk must be positive"),
-            (self.model_batch_size > 0, "--model-batch-size must be positive"),
+            (
+                self.model_batch_size is None or self.model_batch_size > 0,
+                f"--model-batch-size must be positive, got {self.model_batch_size}",
+            ),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
             (
                 self.normalization in NORMALIZATION_MODES,

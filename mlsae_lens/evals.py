@@ -27,6 +27,7 @@ from mlsae_lens.activations import (
     valid_token_vectors,
 )
 from mlsae_lens.errors import MLSAEError
+from mlsae_lens.memory import FLOAT_BYTES, resolve_model_batch_size
 from mlsae_lens.sae import MultiLayerMixin, TopKOutput
 
 logger = logging.getLogger(__name__)
@@ -522,7 +523,8 @@ class EvalOptions:
     layers: str | Sequence[int] = "all"
     """Layers to report, splice and train per-layer SAEs for."""
     batch_size: int | None = None
-    """Contexts per model forward pass (default: the run's ``model_batch_size``)."""
+    """Contexts per model forward pass (default: sized from the free memory, see
+    :mod:`mlsae_lens.memory`; the value used is recorded in ``eval.json``)."""
     baseline_training_tokens: int | None = None
     """Training tokens per per-layer SAE (default: the MLSAE's ``training_tokens``)."""
     retrain_baselines: bool = False
@@ -785,7 +787,15 @@ def evaluate_run(
     sae.eval()
     layers = parse_layers(options.layers, sae.cfg.n_layers)
     test_mask = special_token_mask(splits.test, model.tokenizer)
-    batch_size = options.batch_size or cfg.model_batch_size
+    # Sized from this machine's free memory: per token the whole batch's dense SAE
+    # pre-activations (and a ReLU'd copy), and the spliced pass's logits and a copy of every
+    # layer's activations per method (counted as four).
+    mcfg = model.cfg
+    batch_size = resolve_model_batch_size(
+        options.batch_size, mcfg, splits.test.shape[1], mcfg.device, what="--batch-size",
+        logits=options.downstream_tokens != 0,
+        extra_bytes_per_token=FLOAT_BYTES * mcfg.n_layers * (2 * sae.cfg.d_sae + 4 * mcfg.d_model),
+    )
 
     baselines: list[Method] = []
     meta: dict[str, dict[str, Any]] = {}

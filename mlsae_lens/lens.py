@@ -32,7 +32,7 @@ import os
 import pickle
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ from tuned_lens.nn.lenses import TunedLensConfig
 
 from mlsae_lens.checkpoint import atomic_write_json
 from mlsae_lens.errors import MLSAEError
+from mlsae_lens.memory import resolve_model_batch_size
 
 logger = logging.getLogger(__name__)
 
@@ -282,12 +283,13 @@ class LensTrainingConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-3
     grad_clip: float = 1.0
-    model_batch_size: int = 8
+    model_batch_size: int | None = None
+    """Contexts per forward of the harvest; ``None``: sized from the free memory."""
     seed: int = 42
 
     def __post_init__(self) -> None:
         for name in ("steps", "tokens_per_step", "pool_tokens", "eval_tokens", "model_batch_size"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise MLSAEError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0 <= self.momentum < 1:
             raise MLSAEError(f"--momentum must be in [0, 1), got {self.momentum}")
@@ -415,17 +417,21 @@ def train_lens_for_run(
     output = Path(output)
     if (output / LENS_PARAMS).exists() and not overwrite:
         raise MLSAEError(f"{output} already holds a tuned lens; pass --overwrite or choose another --output")
+    batch_size = resolve_model_batch_size(
+        cfg.model_batch_size, model.cfg, splits.train.shape[1], model.cfg.device
+    )
+    cfg = replace(cfg, model_batch_size=batch_size)  # lens_eval.json records the value used
     torch.manual_seed(cfg.seed)
     lens = lens_for_model(model)
     train_pool = hidden_state_pool(
         model, splits.train, special_token_mask(splits.train, model.tokenizer), cfg.pool_tokens,
-        cfg.model_batch_size, desc="harvest train",
+        batch_size, desc="harvest train",
     )
     log = train_lens(lens, train_pool, cfg)
     del train_pool
     test_pool = hidden_state_pool(
         model, splits.test, special_token_mask(splits.test, model.tokenizer), cfg.eval_tokens,
-        cfg.model_batch_size, desc="harvest test",
+        batch_size, desc="harvest test",
     )
     rows = evaluate_lens(lens, test_pool)
     save_lens(lens, output)

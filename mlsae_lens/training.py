@@ -11,6 +11,7 @@ Each step: AuxK dead mask → ``training_forward_pass`` → backward → drop th
 gradient's radial part → Adam → schedule → renormalize decoder rows → dead counters.
 """
 
+import dataclasses
 import json
 import logging
 import math
@@ -55,6 +56,7 @@ from mlsae_lens.distributed import (
     rank_device,
 )
 from mlsae_lens.errors import MLSAEError
+from mlsae_lens.memory import resolve_model_batch_size
 from mlsae_lens import sparse_ops
 from mlsae_lens.sae import MultiLayerTrainingSAE, MultiLayerTrainingSAEConfig
 
@@ -131,10 +133,12 @@ def prepare_output_dir(cfg: MultiLayerRunnerConfig) -> Path:
             raise MLSAEError(
                 f"{out} already holds a run; pass --resume to continue it, or choose a new --output-dir"
             )
+        # An auto --model-batch-size (None) takes the recorded value, see resolved_model_batch_size.
+        auto = {"model_batch_size"} if cfg.model_batch_size is None else set()
         differing = sorted(
             key
             for key, value in cfg.to_dict().items()
-            if key not in RESUMABLE_FIELDS and previous.get(key) != value
+            if key not in RESUMABLE_FIELDS | auto and previous.get(key) != value
         )
         if differing:
             raise MLSAEError(
@@ -174,6 +178,8 @@ class MultiLayerSAETrainingRunner:
         self.device = rank_device(resolve_device(cfg.device), self.dist)
         self.out = prepare_output_dir(cfg) if self.dist.rank == 0 else Path(cfg.output_dir)
         self.model = model if model is not None else load_model(cfg.model_name, device=self.device)
+        # Resolved once here: the stream, the centering means and run.json all read this value.
+        cfg = self.cfg = dataclasses.replace(cfg, model_batch_size=self.resolved_model_batch_size())
         self.splits = splits if splits is not None else cfg.load_token_splits(self.model.tokenizer)
         self.special_mask = special_token_mask(self.splits.train, self.model.tokenizer)
         stream_cfg = ActivationStreamConfig(
@@ -216,6 +222,26 @@ class MultiLayerSAETrainingRunner:
         self.tokens_since_fired = torch.zeros(self.sae.cfg.d_sae, dtype=torch.long, device=self.device)
         self.state = TrainingState()
         self._stop_signal: int | None = None
+
+    def resolved_model_batch_size(self) -> int:
+        """``--model-batch-size``, or when it is auto (None): the value recorded in run.json
+        when resuming (the same forwards as before the interruption, so resume stays bitwise),
+        else one sized from the free memory (:mod:`mlsae_lens.memory`), the smallest over ranks
+        under torchrun."""
+        cfg = self.cfg
+        if cfg.model_batch_size is not None:
+            return cfg.model_batch_size
+        run_file = Path(cfg.output_dir) / RUN_FILE
+        if cfg.resume and run_file.is_file():
+            recorded = json.loads(run_file.read_text()).get("model_batch_size")
+            if recorded is not None:
+                logger.info("--model-batch-size auto: resuming with the recorded %d", recorded)
+                return int(recorded)
+        chosen = resolve_model_batch_size(None, self.model.cfg, cfg.context_size, self.device)
+        if self.dist.enabled:
+            smallest = torch.tensor([-chosen], device=self.device)
+            chosen = -int(maybe_all_reduce_(smallest, "max").item())
+        return chosen
 
     def load_tuned_lens(self) -> tuple[Tensor, Tensor] | None:
         """The ``--tuned-lens`` translators per MLSAE layer (see :mod:`mlsae_lens.lens`)."""
