@@ -7,8 +7,8 @@ and can be too large for a small machine. The optimizer batch (``--batch-size-to
 never chosen this way: it changes what is trained.
 
 The estimate is an upper bound of what one context adds to the peak of a TransformerLens
-forward that caches every ``blocks.{l}.hook_resid_post``: the cache and its stacked copy (they
-live across all layers), plus the transients of the largest block (they are freed before the
+forward that keeps every ``blocks.{l}.hook_resid_post``: the all-layer output and the stream's
+copy of it (they live across all layers), plus the transients of the largest block (they are freed before the
 next block runs under ``inference_mode``), plus the logits when the caller computes them
 (:func:`mlsae_lens.activations.harvest_resid_post` stops before the unembedding, so it does not).
 """
@@ -66,7 +66,8 @@ def forward_bytes_per_context(
     n_layers, d_model = int(model_cfg.n_layers), int(model_cfg.d_model)
     n_heads, d_head = int(model_cfg.n_heads), int(model_cfg.d_head)
     d_mlp = int(model_cfg.d_mlp or 0)
-    # Cached hook_resid_post of every layer, and the torch.stack of them in harvest_resid_post.
+    # Every layer's hook_resid_post in harvest_resid_post's output, and the copy the stream
+    # makes when it drops special tokens and shuffles.
     cache = 2 * n_layers * d_model
     # One block's transients per token: residual copies (resid_pre/mid, two LayerNorm outputs,
     # attn_out, mlp_out), q/k/v/z, attention scores and pattern (a row of ctx per head each),
