@@ -8,7 +8,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from benchmarks import analysis, harvest, train
 from benchmarks.timing import interleaved_medians
+from mlsae_lens.atomic import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 logger = logging.getLogger("benchmarks")
@@ -180,7 +180,7 @@ def write_plot(rows: dict[str, list[dict[str, float]]], stem: Path) -> list[str]
     fig.update_layout(title="MLSAE training step against its dense-encoder floor", width=1000, height=450)
     written = []
     html = stem.with_suffix(".html")
-    _atomic_write_text(html, fig.to_html(include_plotlyjs="cdn"))
+    atomic_write_text(html, fig.to_html(include_plotlyjs="cdn"))
     written.append(html.name)
     try:
         import kaleido  # noqa: F401
@@ -190,13 +190,6 @@ def write_plot(rows: dict[str, list[dict[str, float]]], stem: Path) -> list[str]
     except ImportError:
         logger.info("kaleido is not installed: no PNG")
     return written
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def machine() -> dict[str, str]:
@@ -265,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         stem = "scaling-cuda" if device.startswith("cuda") else "scaling"
         plots = write_plot(results["scaling"], output.parent / stem) if "scaling" in results else []
         write_results(output, results, ratios, machine(), plots, " ".join(["python -m benchmarks", *(argv or sys.argv[1:])]))
-        _atomic_write_text(output.with_suffix(".json"), json.dumps({"ratios": ratios, **results}, indent=1, default=str))
+        atomic_write_text(output.with_suffix(".json"), json.dumps({"ratios": ratios, **results}, indent=1, default=str))
     if args.json:
         print(json.dumps(ratios))
     else:

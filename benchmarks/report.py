@@ -1,8 +1,8 @@
 """``results.md``: the ratios against their goals, the machine, versions and the command."""
 
-import os
-import tempfile
 from pathlib import Path
+
+from mlsae_lens.atomic import atomic_write_text
 
 GOALS = {
     "train_vs_saelens": ("MLSAE train step vs SAELens TopKTrainingSAE (speed-up, higher is better)", ">= 4", lambda r: r >= 4),
@@ -77,8 +77,4 @@ def write_results(path: Path, results: dict, ratios: dict[str, float], machine: 
         for row in results["scaling"]["d_sae"] + results["scaling"]["k"]:
             lines.append(f"| {row['R']} | {row['d_sae']} | {row['k']} | {row['step_s']:.3f} | {row['floor_s']:.3f} | {row['step_s'] / row['floor_s']:.2f} |")
         lines += ["", "Plot: " + ", ".join(f"[{p}]({p})" for p in plots) + "."]
-    text = "\n".join(lines) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")

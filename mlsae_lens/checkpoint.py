@@ -9,46 +9,22 @@ safetensors, and the rest (step, data position, scheduler, log) in JSON.
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from mlsae_lens.atomic import (  # noqa: F401 - re-exported
+    atomic_save_file,
+    atomic_write_json,
+    staging_dir,
+)
 from mlsae_lens.errors import MLSAEError
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.save_file`` through a temporary file and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -81,18 +57,14 @@ def write_checkpoint(
     """Write ``run_dir/checkpoints/<name>`` atomically and keep the newest ``keep``."""
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    final = root / name
+    with staging_dir(root, ".tmp-") as tmp:
         sae.save_model(tmp)
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / STATE_TENSORS)
         (tmp / STATE_JSON).write_text(json.dumps(plain, indent=2, default=str))
-        final = root / name
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -102,16 +74,13 @@ def atomic_save_sae(sae: Any, directory: Path, inference: bool = True) -> None:
     """Save an SAE in SAELens' format into ``directory`` file by file through renames, so an
     earlier SAE there stays whole until the new one is complete."""
     directory = Path(directory)
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-sae-"))
-    try:
+    with staging_dir(directory, ".tmp-sae-") as tmp:
         # A training SAE saves its inference form; an inference SAE has only save_model.
         save = sae.save_inference_model if inference and hasattr(sae, "save_inference_model") else sae.save_model
         save(tmp)
         # Weights first, config last: a cfg.json always describes complete weights.
         for name in sorted(p.name for p in tmp.iterdir() if p.name != "cfg.json") + ["cfg.json"]:
             os.replace(tmp / name, directory / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

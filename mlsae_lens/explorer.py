@@ -23,8 +23,6 @@ import http.server
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +32,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from mlsae_lens.analysis.layer_stats import read_safetensors, write_safetensors
+from mlsae_lens.atomic import atomic_write_text
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.topk_contexts import (
     EMPTY_POSITION,
@@ -477,15 +476,7 @@ class Explorer:
             .replace("__DATA__", payload)
         )
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(page)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, page)
         logger.info("wrote the explorer (%d latents) to %s", data["n_shown"], path)
         return path
 

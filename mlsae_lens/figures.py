@@ -55,8 +55,9 @@ def training_curve_figure(log: Sequence[dict[str, float]]) -> go.Figure:
 
 
 def per_layer_fvu_figure(series: dict[str, Sequence[float]], n_layers: int) -> go.Figure:
-    """FVU per layer against the relative layer l / n_layers, one line per method."""
-    relative = [layer / n_layers for layer in range(n_layers)]
+    """FVU per layer against the relative layer (l + 1) / n_layers (layer l is the output of
+    l + 1 blocks, as in the other per-layer figures), one line per method."""
+    relative = [(layer + 1) / n_layers for layer in range(n_layers)]
     fig = go.Figure()
     for name, values in series.items():
         fig.add_trace(
@@ -71,7 +72,7 @@ def per_layer_fvu_figure(series: dict[str, Sequence[float]], n_layers: int) -> g
         )
     fig.update_layout(
         title="Test FVU per layer (normalized space)",
-        xaxis_title="relative layer l / n_layers",
+        xaxis_title="relative layer (l + 1) / n_layers",
         yaxis={"title": "fraction of variance unexplained", "rangemode": "tozero"},
     )
     return fig

@@ -30,8 +30,6 @@ import logging
 import math
 import os
 import pickle
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,7 @@ from tuned_lens import TunedLens
 from tuned_lens.nn import Unembed
 from tuned_lens.nn.lenses import TunedLensConfig
 
-from mlsae_lens.checkpoint import atomic_write_json
+from mlsae_lens.atomic import atomic_write_json, staging_dir
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.memory import resolve_model_batch_size
 
@@ -212,13 +210,10 @@ def save_lens(lens: TunedLens, directory: str | Path) -> Path:
     """``lens.save`` (tuned-lens' format), file by file through renames."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-lens-"))
-    try:
+    with staging_dir(directory, ".tmp-lens-") as tmp:
         lens.save(tmp, ckpt=LENS_PARAMS, config=LENS_CONFIG)
         for name in (LENS_PARAMS, LENS_CONFIG):  # params first: a config always has its params
             os.replace(tmp / name, directory / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 

@@ -41,7 +41,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -52,6 +51,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from mlsae_lens.atomic import staging_dir
 from mlsae_lens.checkpoint import (
     atomic_save_sae,
     atomic_write_json,
@@ -581,16 +581,10 @@ def convert_to_run(
         **({"lens_convention": REFERENCE_LENS_CONVENTION} if cfg.tuned_lens else {}),
     }
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the run directory's mode
-    try:
+    with staging_dir(output.parent, f".{output.name}.tmp-") as tmp:
         atomic_save_sae(sae, tmp)
         atomic_write_json(tmp / "run.json", {**run_cfg.to_dict(), "converted_from": provenance})
         _replace_dir(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("converted %s to the run directory %s", repo_id, output)
     return output
 

@@ -7,14 +7,14 @@ no network. Static PNG/SVG copies are written too where an exporter (kaleido) is
 import html
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
 import plotly.offline
+
+from mlsae_lens.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +75,5 @@ def render_report(title: str, sections: list[ReportSection]) -> str:
 def write_report(path: Path, title: str, sections: list[ReportSection]) -> Path:
     """Write the HTML report atomically and return its path."""
     path = Path(path)
-    text = render_report(title, sections)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, render_report(title, sections))
     return path

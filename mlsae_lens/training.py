@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from mlsae_lens import sparse_ops
 from mlsae_lens.activations import (
     ActivationStream,
     ActivationStreamConfig,
@@ -57,7 +58,6 @@ from mlsae_lens.distributed import (
 )
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.memory import resolve_model_batch_size
-from mlsae_lens import sparse_ops
 from mlsae_lens.sae import MultiLayerTrainingSAE, MultiLayerTrainingSAEConfig
 
 logger = logging.getLogger(__name__)

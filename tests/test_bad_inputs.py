@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from mlsae_lens import MLSAEError, MultiLayerSAE, MultiLayerSAEConfig
+from mlsae_lens import atomic
 from mlsae_lens import checkpoint as ckpt
 from mlsae_lens.checkpoint import (
     LOCK_FILE,
@@ -119,10 +120,10 @@ def test_disk_full_while_writing_json_or_tensors_keeps_the_previous_file(tmp_pat
     atomic_write_json(tmp_path / "run.json", {"k": 4})
     atomic_save_file({"a": torch.ones(3)}, tmp_path / "stats.safetensors")
     before = files(tmp_path)
-    monkeypatch.setattr(ckpt.os, "fsync", disk_full)
+    monkeypatch.setattr(atomic.os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left"):
         atomic_write_json(tmp_path / "run.json", {"k": 5})
-    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    monkeypatch.setattr(atomic, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         atomic_save_file({"a": torch.zeros(3)}, tmp_path / "stats.safetensors")
     assert files(tmp_path) == before

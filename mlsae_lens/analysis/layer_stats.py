@@ -27,7 +27,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,9 @@ from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
+from mlsae_lens.atomic import atomic_save_file
 from mlsae_lens.errors import MLSAEError
 
 Weighting = Literal["uniform_tokens", "activation_mass"]
@@ -553,14 +552,7 @@ def write_safetensors(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": fmt, "meta": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_file(tensors, path, metadata={"format": fmt, "meta": json.dumps(meta)})
 
 
 def read_safetensors(
