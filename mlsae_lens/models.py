@@ -412,7 +412,7 @@ def _hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
     try:
         get_session().head(constants.ENDPOINT, timeout=timeout_s)
     except Exception as err:  # noqa: BLE001 - any failure means "not reachable"
-        logger.info("Hugging Face hub %s unreachable: %s", constants.ENDPOINT, err)
+        logger.debug("Hugging Face hub %s unreachable: %s", constants.ENDPOINT, err)
         return False
     return True
 
