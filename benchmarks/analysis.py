@@ -42,24 +42,29 @@ def _high_water_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
+def synthetic_codes(tokens: int, n_layers: int, d_sae: int, k: int, batch: int, device: str = "cpu"):
+    """Seeded top-k codes ``(indices, values)`` of ``tokens`` tokens, ``batch`` tokens at a time,
+    made on ``device`` (as ``analyze`` gets them from the SAE); ~20 % of the values are 0."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    for start in range(0, tokens, batch):
+        shape = (min(batch, tokens - start), n_layers, k)
+        indices = torch.randint(0, d_sae, shape, generator=gen, device=device)
+        values = torch.rand(shape, generator=gen, device=device) * (torch.rand(shape, generator=gen, device=device) > 0.2)
+        yield indices, values
+
+
 def accumulate_synthetic(tokens: int, n_layers: int, d_sae: int, k: int, batch: int, use_maxrss: bool = True) -> dict[str, int]:
     """Stream ``tokens`` synthetic top-k codes through one accumulator; peak RSS growth in bytes.
 
     RSS is sampled after every batch; with ``use_maxrss`` (meant for a fresh process) the
     kernel's high-water mark is used too, which also sees peaks inside ``update_sparse``.
     """
-    gen = torch.Generator().manual_seed(0)
     stats = LayerDistributionStats(n_layers, d_sae)
     before = _rss_bytes()
     peak = before
-    done = 0
-    while done < tokens:
-        n = min(batch, tokens - done)
-        indices = torch.randint(0, d_sae, (n, n_layers, k), generator=gen)
-        values = torch.rand(n, n_layers, k, generator=gen) * (torch.rand(n, n_layers, k, generator=gen) > 0.2)
+    for indices, values in synthetic_codes(tokens, n_layers, d_sae, k, batch):
         stats.update_sparse(indices, values)
         peak = max(peak, _rss_bytes())
-        done += n
     # The kernel's high-water mark also sees transient peaks inside update_sparse that sampling
     # misses (VmHWM, not ru_maxrss: the latter survives exec and would report the parent's peak).
     if use_maxrss:
@@ -70,20 +75,12 @@ def accumulate_synthetic(tokens: int, n_layers: int, d_sae: int, k: int, batch: 
 def accumulate_synthetic_cuda(tokens: int, n_layers: int, d_sae: int, k: int, batch: int) -> dict[str, int]:
     """As :func:`accumulate_synthetic` on the GPU: peak CUDA memory allocated beyond what was
     allocated before (each batch of codes is made on the device, as ``analyze`` gets them)."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
     stats = LayerDistributionStats(n_layers, d_sae, device="cuda")
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    done = 0
-    while done < tokens:
-        n = min(batch, tokens - done)
-        indices = torch.randint(0, d_sae, (n, n_layers, k), generator=gen, device="cuda")
-        values = torch.rand(n, n_layers, k, generator=gen, device="cuda")
-        values = values * (torch.rand(n, n_layers, k, generator=gen, device="cuda") > 0.2)
+    for indices, values in synthetic_codes(tokens, n_layers, d_sae, k, batch, device="cuda"):
         stats.update_sparse(indices, values)
-        del indices, values
-        done += n
     torch.cuda.synchronize()
     return {"tokens": stats.n_tokens, "peak_growth_bytes": torch.cuda.max_memory_allocated() - before}
 

@@ -266,9 +266,9 @@ def train_saelens_per_layer(
     seconds = time.perf_counter() - started
     bar.close()
     out_dir.mkdir(parents=True, exist_ok=True)
+    means = model_basis_layer_means(sae)  # one LU solve for every layer, not one per saved SAE
     for name, trained in saes.items():
         layer = int(name.split("_")[1])
-        means = model_basis_layer_means(sae)
         fold_normalization(trained, scfg.normalization, None if means is None else means[layer])
         target = out_dir / name
         target.mkdir(exist_ok=True)

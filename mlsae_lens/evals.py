@@ -710,8 +710,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def mlsae_training_seconds(run_dir: Path) -> tuple[float | None, str]:
-    """The MLSAE's training wall time: a ``seconds`` entry of the training log if it has one,
-    else the time between writing ``run.json`` (start) and ``sae_weights.safetensors`` (end)."""
+    """The MLSAE's training wall time: the training log's cumulative ``seconds`` (written since
+    this version), else, for older runs, the time between writing ``run.json`` (start) and
+    ``sae_weights.safetensors`` (end)."""
     import json
 
     log_file = run_dir / "training_log.json"
@@ -720,9 +721,8 @@ def mlsae_training_seconds(run_dir: Path) -> tuple[float | None, str]:
             log = json.loads(log_file.read_text())
         except json.JSONDecodeError:
             log = []
-        for key in ("seconds", "elapsed_seconds", "wall_seconds"):
-            if log and isinstance(log[-1], dict) and key in log[-1]:
-                return float(log[-1][key]), f"training_log.json ({key})"
+        if log and isinstance(log[-1], dict) and "seconds" in log[-1]:
+            return float(log[-1]["seconds"]), "training_log.json (seconds)"
     start, end = run_dir / "run.json", run_dir / "sae_weights.safetensors"
     if start.is_file() and end.is_file():
         seconds = end.stat().st_mtime - start.stat().st_mtime

@@ -167,7 +167,7 @@ def load_pretrained_lens(model: HookedTransformer, resource_id: str | None = Non
     the TransformerLens model itself (tuned-lens' ``Unembed`` reads it), so no second copy of the
     model is downloaded; the translators only act on hidden states, which equal HF's.
     """
-    from mlsae_lens.models import _hub_reachable, _offline_requested
+    from mlsae_lens.models import hub_unavailable
 
     if resource_id is None:
         from transformer_lens.loading_from_pretrained import get_official_model_name
@@ -176,7 +176,7 @@ def load_pretrained_lens(model: HookedTransformer, resource_id: str | None = Non
             resource_id = get_official_model_name(model.cfg.model_name)
         except ValueError:
             resource_id = model.cfg.model_name
-    if _offline_requested() or not _hub_reachable():
+    if hub_unavailable():
         raise MLSAEError(
             f"cannot fetch the pretrained tuned lens {resource_id!r}: the Hugging Face hub cannot be "
             "reached (and it is not a local lens directory); train one offline with "

@@ -417,6 +417,12 @@ def _hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
     return True
 
 
+def hub_unavailable() -> bool:
+    """The user asked for offline mode, or one quick probe cannot reach the hub: callers then
+    fail at once with their own one-line message instead of waiting on retries."""
+    return _offline_requested() or not _hub_reachable()
+
+
 @contextmanager
 def _hub_offline_mode(enabled: bool) -> Iterator[None]:
     """Make every hub call in the block local-cache-only, so it fails at once when uncached.

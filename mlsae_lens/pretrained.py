@@ -59,6 +59,7 @@ from mlsae_lens.checkpoint import (
     refuse_pickles_instead_of_weights,
 )
 from mlsae_lens.errors import MLSAEError
+from mlsae_lens.models import hub_unavailable
 from mlsae_lens.sae import ARCHITECTURE, MultiLayerSAE
 
 logger = logging.getLogger(__name__)
@@ -309,13 +310,6 @@ def read_lens(source: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _hub_offline() -> bool:
-    """The user asked for offline mode, or one quick probe cannot reach the hub."""
-    from mlsae_lens.models import _hub_reachable, _offline_requested
-
-    return _offline_requested() or not _hub_reachable()
-
-
 def fetch_pretrained_lens(resource_id: str) -> dict[str, torch.Tensor]:
     """tuned-lens' pretrained lens ``resource_id`` (e.g. ``EleutherAI/pythia-70m-deduped``) from
     the hub, through tuned-lens' own artifact loader; one clear message when it cannot be had."""
@@ -325,7 +319,7 @@ def fetch_pretrained_lens(resource_id: str) -> dict[str, torch.Tensor]:
         f"download params.pt and config.json from {TUNED_LENS_HUB}/{resource_id} and pass that "
         "directory as the lens (--lens DIR), or convert the -tfm release, which contains the lens"
     )
-    if _hub_offline():
+    if hub_unavailable():
         raise MLSAEError(
             f"cannot fetch tuned-lens' pretrained lens {resource_id!r}: the Hugging Face hub cannot "
             f"be reached; {fix}"
@@ -348,7 +342,7 @@ def download(repo_id: str) -> Path:
         path = snapshot_download(
             repo_id,
             allow_patterns=["config.json", "model.safetensors"],
-            local_files_only=_hub_offline(),
+            local_files_only=hub_unavailable(),
         )
         return Path(path)
     except Exception as exc:  # network, auth and offline-mode errors
