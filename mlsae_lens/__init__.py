@@ -14,6 +14,8 @@ from mlsae_lens.sae import (
     MultiLayerSAEConfig,
     MultiLayerTrainingSAE,
     MultiLayerTrainingSAEConfig,
+    SavedMultiLayerSAEConfig,
+    SavedMultiLayerTrainingSAEConfig,
     TopKOutput,
 )
 from mlsae_lens.layer_view import (
@@ -25,12 +27,14 @@ from mlsae_lens.layer_view import (
 
 __version__ = "0.1.0"
 
-# SAELens raises on duplicate registration; guard so a module reload stays harmless.
+# SAELens raises on duplicate registration; guard so a module reload stays harmless. The Saved*
+# config classes are what SAELens' loaders build: a cfg.json without standardize_convention
+# loads as "legacy" (see mlsae_lens.sae).
 if ARCHITECTURE not in SAE_CLASS_REGISTRY:
-    register_sae_class(ARCHITECTURE, MultiLayerSAE, MultiLayerSAEConfig)
+    register_sae_class(ARCHITECTURE, MultiLayerSAE, SavedMultiLayerSAEConfig)
 if ARCHITECTURE not in SAE_TRAINING_CLASS_REGISTRY:
     register_sae_training_class(
-        ARCHITECTURE, MultiLayerTrainingSAE, MultiLayerTrainingSAEConfig
+        ARCHITECTURE, MultiLayerTrainingSAE, SavedMultiLayerTrainingSAEConfig
     )
 # One layer of an MLSAE as a single-hook SAE (``MultiLayerSAE.layer_view``).
 if LAYER_VIEW_ARCHITECTURE not in SAE_CLASS_REGISTRY:

@@ -160,9 +160,9 @@ def fold_normalization(sae: TopKTrainingSAE, mode: str, layer_mean: Tensor | Non
     """Make an SAE trained on normalized vectors read raw residual vectors.
 
     ``standardize`` is SAELens' ``layer_norm`` (mean and unbiased std over d_in, eps 1e-5 added
-    to the std on the way in), so it only changes the config; SAELens multiplies back by ``std``
-    rather than ``std + 1e-5``, a relative reconstruction difference of ``1e-5 / std``. A ``center`` shift ``m`` becomes
-    part of the biases: encode sees ``x − m − b_dec``, decode adds ``b_dec + m``.
+    to the std on the way in, times ``std`` on the way back: the ``reference`` convention of
+    :mod:`mlsae_lens.normalization`), so it only changes the config. A ``center`` shift ``m``
+    becomes part of the biases: encode sees ``x − m − b_dec``, decode adds ``b_dec + m``.
     """
     if mode == "standardize":
         sae.cfg.normalize_activations = "layer_norm"

@@ -27,6 +27,7 @@ from mlsae_lens.activations import (
     valid_token_vectors,
 )
 from mlsae_lens.errors import MLSAEError
+from mlsae_lens.normalization import renormalize
 from mlsae_lens.memory import FLOAT_BYTES, resolve_model_batch_size
 from mlsae_lens.sae import MultiLayerMixin, TopKOutput
 
@@ -392,7 +393,7 @@ def _context_batches(
 
 
 def _normalized(recon: Tensor, stats: Any) -> Tensor:
-    return (recon.to(stats.scale.dtype) - stats.shift) / stats.scale
+    return renormalize(recon, stats)  # the inverse of the MLSAE's own way back
 
 
 @torch.inference_mode()

@@ -26,13 +26,17 @@ SAELens loads without mlsae-lens:
 * ``none`` — exact (same weights).
 * ``center`` — exact up to float rounding: ``(x - μ_l) - b_dec = x - (b_dec + μ_l)``, so the
   layer mean folds into the bias (``b_dec' = b_dec + μ_l``).
-* ``standardize`` — approximate, through SAELens' ``normalize_activations="layer_norm"``. Its
-  input side equals ours, ``(x - mean) / (std + eps)`` (unbiased std, ``eps = 1e-5``), so the
-  latents are the same; its output side multiplies back by ``std`` where ours multiplies by
-  ``std + eps``. The exported reconstruction is therefore the MLSAE's minus
-  ``eps · x̂_norm`` (``x̂_norm`` = the reconstruction in the normalized space, components of
-  order 1): an absolute error of about ``1e-5`` per component, a relative error ``eps / std``
-  of the reconstruction's deviation from its mean. ``exact=True`` refuses it.
+* ``standardize`` — exact up to float rounding, through SAELens' ``normalize_activations=
+  "layer_norm"``: ``(x - mean) / (std + eps)`` on the way in (unbiased std, ``eps = 1e-5``) and
+  ``x̂_norm · std + mean`` on the way out, which is the MLSAE's own ``reference`` convention
+  (see :mod:`mlsae_lens.normalization`). An SAE saved before the convention was recorded
+  (``legacy``: multiplies back by ``std + eps``) exports only approximately: SAELens'
+  reconstruction is the MLSAE's minus ``eps · x̂_norm`` (an absolute error of about ``1e-5``
+  per component, a relative ``eps / std``); ``exact=True`` refuses that.
+
+Folding the decoder norm (:meth:`LayerViewSAE.fold_W_dec_norm`, which sae-dashboard calls on
+every SAE) is a no-op for an MLSAE, whose decoder rows stay at unit norm; the view checks that
+instead of changing the shared weights, and refuses rows that are not unit norm.
 """
 
 from __future__ import annotations
@@ -56,9 +60,11 @@ from mlsae_lens.checkpoint import atomic_save_file, atomic_write_json
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.normalization import (
     NORMALIZATION_MODES,
+    STANDARDIZE_CONVENTIONS,
     STANDARDIZE_EPS,
     NormalizationMode,
     NormStats,
+    StandardizeConvention,
     denormalize,
     normalize,
 )
@@ -74,9 +80,16 @@ LAYER_VIEW_ARCHITECTURE = "multilayer_topk_layer"
 SAELENS_NORMALIZATION: dict[str, str] = {
     "none": "none",
     "center": "none",  # the layer mean is folded into b_dec
-    "standardize": "layer_norm",  # approximate: SAELens multiplies back by std, not std + eps
+    "standardize": "layer_norm",  # exact for the reference convention (times std on the way back)
 }
 EXACT_EXPORT_MODES: tuple[str, ...] = ("none", "center")
+"""Modes that export exactly whatever the convention (``standardize`` does for ``reference``)."""
+
+
+def unit_norm_tolerance(dtype: torch.dtype) -> float:
+    """How far from 1 a decoder row's norm may be for :meth:`LayerViewSAE.fold_W_dec_norm` to
+    count as a no-op: ``1e-5``, or 8 rounding steps of a coarser dtype (bfloat16: ``0.0625``)."""
+    return max(1e-5, 8 * torch.finfo(dtype).eps)
 
 _SHARED_PARAMETERS = ("W_enc", "b_enc", "W_dec", "b_dec")
 # MLSAE metadata that describes all layers and does not belong on a single-hook SAE.
@@ -96,6 +109,8 @@ class LayerViewSAEConfig(TopKSAEConfig):
     """Which layer of the MLSAE this SAE reads (hook ``blocks.{layer}.hook_resid_post``)."""
     normalization: NormalizationMode = "none"
     """The MLSAE's input normalization, applied at this layer."""
+    standardize_convention: StandardizeConvention = "reference"
+    """The MLSAE's way back from ``standardize`` (see :mod:`mlsae_lens.normalization`)."""
 
     @override
     @classmethod
@@ -110,6 +125,11 @@ class LayerViewSAEConfig(TopKSAEConfig):
             )
         if self.layer < 0:
             raise MLSAEError(f"layer must be non-negative, got {self.layer}")
+        if self.standardize_convention not in STANDARDIZE_CONVENTIONS:
+            raise MLSAEError(
+                f"unknown standardize_convention {self.standardize_convention!r}; "
+                f"use one of {STANDARDIZE_CONVENTIONS}"
+            )
 
 
 class LayerViewSAE(TopKSAE):
@@ -166,6 +186,7 @@ class LayerViewSAE(TopKSAE):
             normalize_activations=SAELENS_NORMALIZATION[mlsae.cfg.normalization],  # type: ignore
             layer=layer,
             normalization=mlsae.cfg.normalization,
+            standardize_convention=mlsae.cfg.standardize_convention,
             metadata=SAEMetadata(**metadata),
         )
         view = cls(cfg)
@@ -214,10 +235,14 @@ class LayerViewSAE(TopKSAE):
 
     def norm_stats(self, x: Tensor) -> NormStats:
         """The MLSAE's normalization map at this layer for residual vectors ``x``."""
-        return normalize(x, self.cfg.normalization, self.layer_mean)[1]
+        return self.normalize(x)[1]
+
+    def normalize(self, x: Tensor) -> tuple[Tensor, NormStats]:
+        """The MLSAE's normalization at this layer (its mode, layer mean and convention)."""
+        return normalize(x, self.cfg.normalization, self.layer_mean, self.cfg.standardize_convention)
 
     def run_time_activation_norm_fn_in(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        x_norm, stats = normalize(self.to_shared_space(x), self.cfg.normalization, self.layer_mean)
+        x_norm, stats = self.normalize(self.to_shared_space(x))
         self._pending_norm_stats = stats
         return x_norm
 
@@ -237,6 +262,33 @@ class LayerViewSAE(TopKSAE):
             )
         return self.from_shared_space(denormalize(x_norm, stats))
 
+    # ---- decoder norm ------------------------------------------------------------------
+
+    @override
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> None:
+        """Fold the decoder row norms into the encoder: a no-op here, checked rather than done.
+
+        SAELens' ``TopKSAE`` refuses the fold (rescaling would change which latents win the
+        top-k), and sae-dashboard calls it on every SAE. An MLSAE keeps its decoder rows at unit
+        norm, so folding would divide by 1: the view checks the norms and changes nothing
+        (the weights are shared with the MLSAE and must stay as they are).
+
+        Raises:
+            MLSAEError: a decoder row's norm differs from 1 by more than
+                :func:`unit_norm_tolerance` (``1e-5`` for float32).
+        """
+        norms = self.W_dec.detach().float().norm(dim=-1)
+        worst = float((norms - 1).abs().max()) if norms.numel() else 0.0
+        tolerance = unit_norm_tolerance(self.W_dec.dtype)
+        if not worst <= tolerance:
+            raise MLSAEError(
+                f"cannot fold the decoder norms of this layer view: a decoder row has norm "
+                f"{float(norms[(norms - 1).abs().argmax()]):.6g}, not 1 within {tolerance:g}, and a "
+                "TopK SAE's fold would change its latents; call set_decoder_norm_to_unit_norm() "
+                "on the MLSAE (it changes its reconstructions) or skip the fold"
+            )
+
     # ---- encode ------------------------------------------------------------------------
 
     @override
@@ -255,14 +307,19 @@ class LayerViewSAE(TopKSAE):
 
     # ---- export ------------------------------------------------------------------------
 
+    @property
+    def exports_exactly(self) -> bool:
+        """Whether plain SAELens can express this layer's normalization exactly."""
+        return self.cfg.normalization in EXACT_EXPORT_MODES or self.cfg.standardize_convention == "reference"
+
     def to_topk_sae(self, exact: bool = False) -> TopKSAE:
         """A standalone built-in SAELens ``TopKSAE`` (copied weights) equivalent to this view.
 
         Args:
-            exact: refuse modes that SAELens can only approximate (``standardize``).
+            exact: refuse what SAELens can only approximate (a ``legacy`` standardize).
 
         Raises:
-            MLSAEError: ``exact`` and the normalization is ``standardize``; or the MLSAE has a
+            MLSAEError: ``exact`` and a ``legacy``-convention ``standardize``; or the MLSAE has a
                 tuned lens (refused in every mode, for one rule: the affine translator could be
                 folded into the weights for ``none``/``center``, but not under ``standardize``).
         """
@@ -274,17 +331,17 @@ class LayerViewSAE(TopKSAE):
                 "use the layer view itself (it works with HookedSAETransformer) or an MLSAE "
                 "trained without --tuned-lens"
             )
-        if mode not in EXACT_EXPORT_MODES:
+        if not self.exports_exactly:
             if exact:
                 raise MLSAEError(
-                    f"a {mode!r}-mode layer exports to SAELens only approximately "
-                    "(SAELens' layer_norm multiplies back by std, ours by std + 1e-5: a relative "
-                    "error of 1e-5/std); pass exact=False to accept it, or use a "
-                    "'center'/'none'-mode MLSAE"
+                    f"this {mode!r}-mode MLSAE was saved with the legacy convention (it multiplies "
+                    "back by std + 1e-5, SAELens' layer_norm by std: a relative error of 1e-5/std), "
+                    "so it exports to SAELens only approximately; pass exact=False to accept that, "
+                    "or retrain it (new SAEs use the reference convention and export exactly)"
                 )
             logger.info(
-                "exporting a %s-mode layer as SAELens layer_norm: reconstructions differ by "
-                "%.0e x the normalized reconstruction",
+                "exporting a legacy %s-mode layer as SAELens layer_norm: reconstructions differ "
+                "by %.0e x the normalized reconstruction",
                 mode,
                 STANDARDIZE_EPS,
             )
@@ -301,6 +358,7 @@ class LayerViewSAE(TopKSAE):
         metadata = {
             **self.cfg.metadata.to_dict(),
             "mlsae_normalization": mode,
+            "mlsae_standardize_convention": self.cfg.standardize_convention,
             "exported_from": "mlsae_lens",
         }
         cfg = TopKSAEConfig(
@@ -328,7 +386,7 @@ class LayerViewSAE(TopKSAE):
 
         Args:
             path: output folder (created if missing).
-            exact: refuse modes SAELens can only approximate (see :meth:`to_topk_sae`).
+            exact: refuse what SAELens can only approximate (see :meth:`to_topk_sae`).
 
         Returns:
             The weights path and the config path, as SAELens' ``save_model`` does.
@@ -351,7 +409,8 @@ def steering_hook(
 
     Adds what raising latent ``latent`` by ``scale`` adds to the SAE's reconstruction at
     ``layer``: ``scale · W_dec[latent]`` in the normalized space, mapped back to the residual
-    stream (for ``standardize`` that is times each vector's own ``std + eps``; ``center`` and
+    stream (for ``standardize`` that is times each vector's own ``std``, or ``std + eps`` for a
+    ``legacy`` SAE; ``center`` and
     ``none`` add ``scale · W_dec[latent]`` as is). It therefore equals adding ``scale`` to
     ``hook_sae_acts_post`` of the layer view under ``run_with_saes(..., use_error_term=True)``,
     without running the SAE. Use it as
@@ -382,7 +441,7 @@ def steering_hook(
 
     def hook_fn(resid: Tensor, hook: HookPoint) -> Tensor:  # noqa: ARG001
         stats = view.norm_stats(view.to_shared_space(resid.to(view.dtype)))
-        delta = scale * view.W_dec[latent].detach() * stats.scale
+        delta = scale * view.W_dec[latent].detach() * stats.unscale
         # A direction, not a point: map it back by the lens's linear part only (no bias).
         if view.has_tuned_lens:
             delta = view.mlsae.from_lens_basis(delta, layer=view.cfg.layer, linear_only=True)

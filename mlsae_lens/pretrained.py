@@ -216,6 +216,8 @@ def reference_state_to_mlsae(
         "k": k,
         "n_layers": n_layers,
         "normalization": "standardize" if config.get("standardize", True) else "none",
+        # The reference multiplies back by std (not std + eps): the reference convention.
+        "standardize_convention": "reference",
         "tuned_lens": lens is not None,
         "dtype": "float32",
         "apply_b_dec_to_input": True,

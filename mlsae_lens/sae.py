@@ -37,8 +37,10 @@ from mlsae_lens import sparse_ops
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.normalization import (
     NORMALIZATION_MODES,
+    STANDARDIZE_CONVENTIONS,
     NormalizationMode,
     NormStats,
+    StandardizeConvention,
     denormalize,
     normalize,
 )
@@ -59,6 +61,10 @@ class MultiLayerFields:
     """Number of residual-stream layers the SAE reads (``blocks.{l}.hook_resid_post``)."""
     normalization: NormalizationMode = "standardize"
     """Input normalization: ``standardize`` (per vector), ``center`` (per-layer dataset mean) or ``none``."""
+    standardize_convention: StandardizeConvention = "reference"
+    """How ``standardize`` maps reconstructions back: times ``std`` (``reference``, as the reference
+    code and SAELens' ``layer_norm``) or ``std + eps`` (``legacy``: what a ``cfg.json`` without this
+    field was saved with). See :mod:`mlsae_lens.normalization`."""
     tuned_lens: bool = False
     """Apply frozen per-layer affine translators (buffers ``lens_weight``/``lens_bias``) before
     the normalization, and their exact inverse to reconstructions (paper §4.4)."""
@@ -81,6 +87,11 @@ class MultiLayerFields:
         if self.normalization not in NORMALIZATION_MODES:
             raise MLSAEError(
                 f"unknown normalization {self.normalization!r}; use one of {NORMALIZATION_MODES}"
+            )
+        if self.standardize_convention not in STANDARDIZE_CONVENTIONS:
+            raise MLSAEError(
+                f"unknown standardize_convention {self.standardize_convention!r} in the SAE "
+                f"config; use one of {STANDARDIZE_CONVENTIONS}"
             )
 
 
@@ -123,6 +134,27 @@ class MultiLayerTrainingSAEConfig(TrainingSAEConfig, MultiLayerFields):
     @property
     def effective_aux_k(self) -> int:
         return self.aux_k if self.aux_k is not None else max(1, self.d_in // 2)
+
+
+# SAELens' loaders (``SAE.load_from_disk``, ``SAE.from_dict``, ``TrainingSAE.load_from_disk``) build
+# the *registered* config class from a cfg.json's keys, so a key the file lacks takes the class
+# default. A cfg.json written before ``standardize_convention`` existed was un-standardized with
+# ``std + eps``: the classes registered for loading (``mlsae_lens/__init__.py``) default to
+# ``legacy``, while code making a new SAE uses the classes above (default ``reference``).
+
+
+@dataclass(kw_only=True)
+class SavedMultiLayerSAEConfig(MultiLayerSAEConfig):
+    """:class:`MultiLayerSAEConfig` as loaded from a file: no ``standardize_convention`` = legacy."""
+
+    standardize_convention: StandardizeConvention = "legacy"
+
+
+@dataclass(kw_only=True)
+class SavedMultiLayerTrainingSAEConfig(MultiLayerTrainingSAEConfig):
+    """:class:`MultiLayerTrainingSAEConfig` as loaded from a file: no ``standardize_convention`` = legacy."""
+
+    standardize_convention: StandardizeConvention = "legacy"
 
 
 class TopKOutput(NamedTuple):
@@ -292,7 +324,12 @@ class MultiLayerMixin:
     def normalize_input(self, x: Tensor) -> tuple[Tensor, NormStats]:
         """Model-basis vectors → the normalized lens basis the dictionary reads (the tuned lens,
         if any, then the normalization). The returned stats map back to the *lens* basis."""
-        return normalize(self.to_lens_basis(x.to(self.dtype)), self.cfg.normalization, self.layer_means)
+        return normalize(
+            self.to_lens_basis(x.to(self.dtype)),
+            self.cfg.normalization,
+            self.layer_means,
+            self.cfg.standardize_convention,
+        )
 
     def from_normalized(self, x_norm: Tensor, stats: NormStats, basis: Basis = "model") -> Tensor:
         """Undo :meth:`normalize_input`: de-normalize, then (``basis="model"``) invert the lens.

@@ -21,7 +21,7 @@ from transformer_lens import HookedTransformerConfig
 from mlsae_lens import MLSAEError, MultiLayerSAE, MultiLayerSAEConfig
 from mlsae_lens.activations import resid_post_hook_names
 from mlsae_lens.layer_view import LayerViewSAE, LayerViewSAEConfig, steering_hook
-from mlsae_lens.normalization import NORMALIZATION_MODES, STANDARDIZE_EPS, normalize
+from mlsae_lens.normalization import NORMALIZATION_MODES, STANDARDIZE_EPS
 from mlsae_lens.sae import scatter_topk
 
 N_LAYERS, D_MODEL, D_SAE, K, VOCAB = 3, 16, 64, 4, 64
@@ -44,10 +44,11 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
 
 
-def make_mlsae(mode: str) -> MultiLayerSAE:
+def make_mlsae(mode: str, convention: str = "reference") -> MultiLayerSAE:
     """Random MLSAE with nonzero biases and layer means (so every term of the math matters)."""
     cfg = MultiLayerSAEConfig(
         d_in=D_MODEL, d_sae=D_SAE, k=K, n_layers=N_LAYERS, normalization=mode,
+        standardize_convention=convention,
         metadata=SAEMetadata(
             model_name="tiny", hook_names=resid_post_hook_names(N_LAYERS),
             context_size=SEQ, prepend_bos=False,
@@ -141,8 +142,7 @@ def test_steering_hook_equals_raising_the_latent_through_saelens_hooks(
     torch.testing.assert_close(ours, via_saelens, rtol=1e-5, atol=1e-5)
     # And against a brute-force reference: the raw-space vector, computed by hand.
     x = resid_posts(model, tokens)[..., LAYER, :]
-    _, stats = normalize(x, mode, mlsae.layer_means[LAYER])
-    delta = scale * mlsae.W_dec[latent] * stats.scale
+    delta = scale * mlsae.W_dec[latent] * (x.std(-1, keepdim=True) if mode == "standardize" else 1)
     by_hand = model.run_with_hooks(
         tokens, fwd_hooks=[(f"blocks.{LAYER}.hook_resid_post", splice(x + delta))]
     )
@@ -216,19 +216,20 @@ def test_exported_layers_load_and_reconstruct_in_plain_saelens_without_mlsae_len
     x = x_all[..., LAYER, :]
     save_file({"x": x.contiguous()}, tmp_path / "inputs.safetensors")
     mlsaes = {mode: make_mlsae(mode) for mode in NORMALIZATION_MODES}
-    for mode, mlsae in mlsaes.items():
-        exact = mode != "standardize"
-        mlsae.layer_view(LAYER).save_model(tmp_path / mode, exact=exact)
-        assert json.loads((tmp_path / mode / "cfg.json").read_text())["architecture"] == "topk"
+    mlsaes["legacy"] = make_mlsae("standardize", convention="legacy")
+    for name, mlsae in mlsaes.items():
+        mlsae.layer_view(LAYER).save_model(tmp_path / name, exact=name != "legacy")
+        assert json.loads((tmp_path / name / "cfg.json").read_text())["architecture"] == "topk"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
-        [sys.executable, "-c", EXPORT_SCRIPT, str(tmp_path), *NORMALIZATION_MODES],
+        [sys.executable, "-c", EXPORT_SCRIPT, str(tmp_path), *mlsaes],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["mlsae_lens_imported"] is False
     outputs = load_file(tmp_path / "outputs.safetensors")
+    assert report["kinds"]["standardize"][2] == "layer_norm"
     for mode, mlsae in mlsaes.items():
         assert report["kinds"][mode][:2] == ["TopKSAE", "topk"]
         out = mlsae.encode_full(x_all)
@@ -236,22 +237,47 @@ def test_exported_layers_load_and_reconstruct_in_plain_saelens_without_mlsae_len
         got_latents, got = outputs[f"{mode}.latents"], outputs[f"{mode}.recon"]
         torch.testing.assert_close(got_latents, expected_latents, rtol=1e-5, atol=1e-5)
         expected = mlsae.reconstruct(x_all)[..., LAYER, :]
-        if mode == "standardize":
-            # SAELens multiplies back by std, we by std + eps: exactly eps·x̂_norm less.
+        if mode == "legacy":
+            # SAELens multiplies back by std, a legacy MLSAE by std + eps: exactly eps·x̂_norm less.
             recon_norm = mlsae.decode_topk_normalized(out.topk)[..., LAYER, :]
             approx = expected - STANDARDIZE_EPS * recon_norm
             torch.testing.assert_close(got, approx, rtol=1e-5, atol=1e-5)
             bound = 2 * STANDARDIZE_EPS * recon_norm.abs().max() + 1e-5
             assert (got - expected).abs().max() <= bound
-        else:
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        else:  # exact, standardize included (float rounding only)
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_exact_export_refuses_standardize(tmp_path: Path) -> None:
-    view = make_mlsae("standardize").layer_view(0)
-    with pytest.raises(MLSAEError, match="approximately"):
+def test_exact_export_refuses_only_a_legacy_standardize(tmp_path: Path) -> None:
+    view = make_mlsae("standardize", convention="legacy").layer_view(0)
+    with pytest.raises(MLSAEError, match="legacy convention .* approximately"):
         view.save_model(tmp_path / "layer", exact=True)
-    assert not (tmp_path / "layer" / "cfg.json").exists()
+    assert not (tmp_path / "layer").exists() or not any((tmp_path / "layer").iterdir())
+    make_mlsae("standardize").layer_view(0).save_model(tmp_path / "new", exact=True)
+    assert (tmp_path / "new" / "cfg.json").is_file()
+
+
+@torch.no_grad()
+def test_fold_W_dec_norm_is_a_checked_no_op_on_unit_norm_rows(model, tokens) -> None:
+    """sae-dashboard calls fold_W_dec_norm() on every SAE; for an MLSAE (unit-norm rows) it must
+    change nothing (the weights are shared) and refuse rows that are not unit norm."""
+    mlsae = make_mlsae("standardize")
+    mlsae.set_decoder_norm_to_unit_norm()  # as training and the converter leave it
+    view = mlsae.layer_view(LAYER)
+    before = {name: getattr(mlsae, name).clone() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    x = resid_posts(model, tokens)[..., LAYER, :]
+    recon = view(x)
+    view.fold_W_dec_norm()
+    for name, tensor in before.items():
+        assert torch.equal(getattr(mlsae, name), tensor), name
+    assert torch.equal(view(x), recon)
+    mlsae.W_dec[3] *= 1.01
+    with pytest.raises(MLSAEError, match="norm 1.01, not 1 within 1e-05"):
+        view.fold_W_dec_norm()
+    assert torch.equal(mlsae.W_enc, before["W_enc"])
+    # A plain SAELens TopKSAE refuses the fold altogether: the reason the view needs its own.
+    with pytest.raises(NotImplementedError):
+        TopKSAE(view.to_topk_sae().cfg).fold_W_dec_norm()
 
 
 def test_layer_view_architecture_is_registered_with_saelens() -> None:

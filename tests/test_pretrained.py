@@ -37,11 +37,12 @@ def write_reference_checkpoint(path: Path, standardize: bool = True, prefix: str
 
 
 def reference_math(x: torch.Tensor, t: dict, standardize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference format's own forward pass, written out independently."""
+    """The reference format's own forward pass, written out independently (tim-lawson/mlsae
+    ``autoencoder.py``: divide by ``std + eps`` on the way in, multiply by ``std`` on the way out)."""
     if standardize:
         mu = x.mean(-1, keepdim=True)
-        std = x.std(-1, keepdim=True) + 1e-5
-        x = (x - mu) / std
+        std = x.std(-1, keepdim=True)
+        x = (x - mu) / (std + 1e-5)
     pre = (x - t["pre_encoder_bias"]) @ t["encoder.weight"].T
     top = pre.topk(K, dim=-1)
     latents = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
@@ -60,7 +61,23 @@ def test_converted_checkpoint_gives_the_reference_latents_and_reconstructions(tm
     x = torch.randn(5, N_LAYERS, D_IN) * 3 + 1
     latents, recon = reference_math(x, tensors, standardize)
     torch.testing.assert_close(sae.encode(x), latents, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sae.reconstruct(x), recon, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sae.reconstruct(x), recon, rtol=1e-5, atol=1e-5)
+    assert sae.cfg.standardize_convention == "reference"
+
+
+def test_converted_checkpoint_matches_the_reference_on_small_and_zero_vectors(tmp_path) -> None:
+    """The reference zeroes special tokens and multiplies back by std: a zero vector comes back
+    as exactly 0, and a vector of std 1e-3 within float rounding (std + eps would be 1e-2 off)."""
+    tensors = write_reference_checkpoint(tmp_path)
+    sae = SAE.load_from_disk(tmp_path, converter=reference_disk_loader(n_layers=N_LAYERS))
+    x = torch.randn(4, N_LAYERS, D_IN, generator=torch.Generator().manual_seed(3)) * 1e-3
+    x[0] = 0.0
+    _, recon = reference_math(x, tensors, True)
+    got = sae.reconstruct(x)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    deviation = recon - recon.mean(-1, keepdim=True)
+    rel = (got - recon).norm(dim=-1) / deviation.norm(dim=-1).clamp_min(1e-30)
+    assert rel[1:].max() < 1e-5
 
 
 def test_registered_release_loads_from_a_local_dir(tmp_path) -> None:

@@ -15,7 +15,13 @@ from mlsae_lens import (
     MultiLayerTrainingSAE,
     MultiLayerTrainingSAEConfig,
 )
-from mlsae_lens.normalization import NORMALIZATION_MODES, denormalize, normalize
+from mlsae_lens.normalization import (
+    NORMALIZATION_MODES,
+    STANDARDIZE_EPS,
+    denormalize,
+    normalize,
+    renormalize,
+)
 from mlsae_lens.pipeline import load_sae
 from mlsae_lens.sae import decode_topk_rows, geometric_median, scatter_topk
 
@@ -42,9 +48,25 @@ def step_input(x: torch.Tensor, dead: torch.Tensor | None = None) -> TrainStepIn
 
 @pytest.mark.parametrize("mode", NORMALIZATION_MODES)
 def test_normalize_then_denormalize_is_identity(mode: str) -> None:
+    """Exact for center/none, and for the legacy standardize (which multiplies back by std + eps)."""
     x = torch.randn(7, N_LAYERS, D_IN) * 5 + 3
-    x_norm, stats = normalize(x, mode, torch.randn(N_LAYERS, D_IN))
+    x_norm, stats = normalize(x, mode, torch.randn(N_LAYERS, D_IN), "legacy")
     torch.testing.assert_close(denormalize(x_norm, stats), x, rtol=1e-5, atol=1e-5)
+    if mode != "standardize":
+        x_norm, stats = normalize(x, mode, torch.randn(N_LAYERS, D_IN))
+        torch.testing.assert_close(denormalize(x_norm, stats), x, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_standardize_divides_by_std_plus_eps_and_multiplies_back_by_std() -> None:
+    x = torch.randn(7, N_LAYERS, D_IN, dtype=torch.float64) * 1e-3 + 3
+    mean, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True)
+    x_norm, stats = normalize(x, "standardize")
+    torch.testing.assert_close(x_norm, (x - mean) / (std + STANDARDIZE_EPS), rtol=1e-12, atol=0)
+    x_hat = torch.randn_like(x_norm)
+    torch.testing.assert_close(denormalize(x_hat, stats), x_hat * std + mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(renormalize(denormalize(x_hat, stats), stats), x_hat)
+    # The way in does not depend on the convention: the latents never do.
+    torch.testing.assert_close(normalize(x, "standardize", convention="legacy")[0], x_norm)
 
 
 def test_standardize_gives_zero_mean_unit_std_per_vector() -> None:
@@ -220,3 +242,54 @@ def test_cfg_of_another_architecture_is_refused_by_name(tmp_path: Path) -> None:
 def test_missing_sae_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(MLSAEError, match="holds no SAE"):
         load_sae(tmp_path)
+
+
+# ---- standardize convention: reference (times std) for new SAEs, legacy for old files -----
+
+
+def test_new_sae_reconstructs_as_x_hat_times_std_plus_mean() -> None:
+    sae = make_training_sae("standardize")
+    assert sae.cfg.standardize_convention == "reference"
+    x = torch.randn(6, N_LAYERS, D_IN) * 4 + 1
+    x_hat = sae.decode_topk_normalized(sae.encode_topk(x))
+    expected = x_hat * x.std(-1, keepdim=True) + x.mean(-1, keepdim=True)
+    torch.testing.assert_close(sae.reconstruct(x), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_zero_vector_comes_back_as_zero() -> None:
+    """std = 0 and mean = 0: whatever the code (here the biases' own), x_hat · 0 + 0 = 0."""
+    sae = make_training_sae("standardize")
+    x = torch.zeros(2, N_LAYERS, D_IN)
+    code = sae.encode(x)
+    assert code.abs().sum() > 0  # not a trivially zero code: the biases fire latents
+    assert torch.equal(sae.reconstruct(x), x)
+    assert torch.equal(sae.decode(code), x)
+    assert torch.equal(sae.decode(sae.encode(x) * 0), x)  # a zero code too
+    sae.cfg.standardize_convention = "legacy"
+    assert sae.reconstruct(x).norm() > 0  # the old convention: x_hat · 1e-5
+
+
+def test_legacy_cfg_json_loads_as_legacy_and_reproduces_the_old_numbers(tmp_path: Path) -> None:
+    sae = make_training_sae("standardize")
+    sae.save_inference_model(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["standardize_convention"] == "reference"
+    del cfg["standardize_convention"]  # a cfg.json written before the field existed
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    x = torch.randn(5, N_LAYERS, D_IN) * 3 - 2
+    x_hat = sae.decode_topk_normalized(sae.encode_topk(x))
+    old = x_hat * (x.std(-1, keepdim=True) + STANDARDIZE_EPS) + x.mean(-1, keepdim=True)
+    for loaded in (load_sae(tmp_path), TrainingSAE.load_from_disk(tmp_path)):
+        assert loaded.cfg.standardize_convention == "legacy"
+        torch.testing.assert_close(loaded.reconstruct(x), old, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(loaded.reconstruct(x), sae.reconstruct(x), rtol=0, atol=1e-7)
+    # Saved again it stays legacy (the field is now written out).
+    load_sae(tmp_path).save_model(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "cfg.json").read_text())["standardize_convention"] == "legacy"
+    assert load_sae(tmp_path / "again").cfg.standardize_convention == "legacy"
+
+
+def test_unknown_standardize_convention_is_refused() -> None:
+    with pytest.raises(MLSAEError, match="standardize_convention 'std'"):
+        MultiLayerSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, n_layers=N_LAYERS, standardize_convention="std")
