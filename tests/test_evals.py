@@ -167,7 +167,7 @@ def test_pca_baseline_reaches_the_eigenvalue_floor(tiny_model, tiny_splits) -> N
     stats.update(x_norm, sae.decode_topk_normalized(out.topk), out.topk.values, out.topk.indices)
     floor = stats.compute(4).pca_fvu
     recon, _ = PCABaseline(sae, *stats.pca(4)).reconstruct(acts)
-    recon_norm = (recon - out.norm_stats.shift) / out.norm_stats.scale
+    recon_norm = renormalize(recon, out.norm_stats)
     fvu = (recon_norm - x_norm).double().pow(2).sum((0, 2)) / stats.layer_variance_sums()
     assert torch.allclose(fvu, floor, atol=1e-4)
 

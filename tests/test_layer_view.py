@@ -302,3 +302,51 @@ def test_view_errors_name_the_fix() -> None:
         steering_hook(mlsae, D_SAE, 0, 1.0)
     with pytest.raises(MLSAEError, match="layer"):
         steering_hook(view, 0, 1, 1.0)
+
+
+def word_level_tokenizer(vocab_size: int):
+    """A real (tiny, offline) Hugging Face tokenizer: token ``i`` is the word ``t{i}``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0")
+
+
+@torch.no_grad()
+def test_sae_dashboard_builds_dashboards_for_a_layer_view(model, tmp_path: Path, monkeypatch) -> None:
+    """sae-dashboard's plain call on a layer view: it folds W_dec norms, splices the view, and
+    writes feature-centric HTML. Installed by scripts/setup-env.sh (--no-deps beside our pins)."""
+    pytest.importorskip("sae_dashboard", reason="sae-dashboard not installed (see README: dashboards)")
+    from sae_dashboard.data_writing_fns import save_feature_centric_vis
+    from sae_dashboard.sae_vis_data import SaeVisConfig
+    from sae_dashboard.sae_vis_runner import SaeVisRunner
+
+    monkeypatch.setattr(model, "tokenizer", word_level_tokenizer(VOCAB))  # the HTML shows tokens
+    mlsae = make_mlsae("standardize")
+    mlsae.set_decoder_norm_to_unit_norm()
+    before = mlsae.W_enc.clone()
+    view = mlsae.layer_view(LAYER)
+    tokens = torch.randint(0, VOCAB, (16, 32), generator=torch.Generator().manual_seed(2))
+    x = resid_posts(model, tokens)
+    code = scatter_topk(mlsae.encode_topk(x), D_SAE)[..., LAYER, :]  # [batch, seq, d_sae]
+    features = code.amax(dim=(0, 1)).topk(3).indices.tolist()  # latents that fire here
+    cfg = SaeVisConfig(
+        hook_point=view.cfg.metadata.hook_name, features=features, minibatch_size_features=4,
+        minibatch_size_tokens=8, device="cpu", dtype="float32", verbose=False,
+    )
+    data = SaeVisRunner(cfg).run(encoder=view, model=model, tokens=tokens)
+    assert torch.equal(mlsae.W_enc, before)  # the fold changed nothing
+    assert sorted(data.feature_data_dict) == sorted(features)
+    for feature in features:
+        assert data.feature_data_dict[feature].sequence_data is not None
+    # The dashboard's activations are the MLSAE's code at this layer: the same maxima.
+    acts = data.feature_stats.max
+    torch.testing.assert_close(
+        torch.tensor(acts, dtype=torch.float32), code[..., features].amax(dim=(0, 1)), rtol=1e-5, atol=1e-5
+    )
+    out = tmp_path / "dashboard.html"
+    save_feature_centric_vis(sae_vis_data=data, filename=out)
+    html = out.read_text()
+    assert "grid-container" in html and all(f'"{feature}"' in html for feature in features)
