@@ -16,7 +16,8 @@ read from the tensors. Only the SAE and lens tensors are read from such a file.
 Their math — standardize per vector, subtract ``pre_encoder_bias``, encode, top-k, ReLU,
 decode, add the bias back, de-standardize — is exactly a :class:`MultiLayerSAE` with
 ``W_enc = encoder.weight.T``, ``b_enc = 0``, ``W_dec = decoder.weight.T``,
-``b_dec = pre_encoder_bias`` and ``normalization = "standardize"`` (or ``none``).
+``b_dec = pre_encoder_bias`` and ``normalization = "standardize"`` (or ``none``) with
+``standardize_convention = "reference"``: divide by ``std + eps``, multiply back by ``std``.
 
 ``-lens`` SAEs read ``translator_l(x_l) = x_l + W_l x_l + b_l`` of every layer, and standardize
 *after* the lens, which is the order of :meth:`MultiLayerSAE.normalize_input` (lens, then
