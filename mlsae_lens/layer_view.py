@@ -410,8 +410,7 @@ def steering_hook(
     Adds what raising latent ``latent`` by ``scale`` adds to the SAE's reconstruction at
     ``layer``: ``scale · W_dec[latent]`` in the normalized space, mapped back to the residual
     stream (for ``standardize`` that is times each vector's own ``std``, or ``std + eps`` for a
-    ``legacy`` SAE; ``center`` and
-    ``none`` add ``scale · W_dec[latent]`` as is). It therefore equals adding ``scale`` to
+    ``legacy`` SAE; ``center`` and ``none`` add ``scale · W_dec[latent]`` as is). It therefore equals adding ``scale`` to
     ``hook_sae_acts_post`` of the layer view under ``run_with_saes(..., use_error_term=True)``,
     without running the SAE. Use it as
     ``model.run_with_hooks(tokens, fwd_hooks=[steering_hook(mlsae, latent, layer, scale)])``.

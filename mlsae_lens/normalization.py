@@ -16,8 +16,9 @@ reconstruction back with ``x_hat_norm * unscale + shift``. For ``center`` and ``
 SAE's ``standardize_convention`` (recorded in its ``cfg.json``):
 
 * ``reference`` (every SAE made since it was recorded): multiply back by ``std``, as the
-  reference implementation and SAELens' ``layer_norm`` do. A zero reconstruction comes back
-  as exactly the mean, and a layer exports to plain SAELens exactly.
+  reference implementation and SAELens' ``layer_norm`` do. A constant vector (std 0, e.g. the
+  zero vector the reference puts at special tokens) comes back as itself, and a layer exports
+  to plain SAELens exactly.
 * ``legacy`` (SAEs whose ``cfg.json`` has no ``standardize_convention``): multiply back by
   ``std + eps``, as mlsae-lens did before, so those SAEs behave exactly as they were saved.
 
@@ -38,9 +39,7 @@ StandardizeConvention = Literal["reference", "legacy"]
 """How ``standardize`` maps back: times ``std`` (``reference``) or ``std + eps`` (``legacy``)."""
 STANDARDIZE_CONVENTIONS: tuple[str, ...] = get_args(StandardizeConvention)
 DEFAULT_CONVENTION: StandardizeConvention = "reference"
-"""The convention of every new SAE."""
-LEGACY_CONVENTION: StandardizeConvention = "legacy"
-"""The convention of an SAE whose ``cfg.json`` predates the field."""
+"""The convention of every new SAE (a ``cfg.json`` without the field loads as ``legacy``)."""
 
 # Same epsilon as the reference implementation (added to the std, not the variance).
 STANDARDIZE_EPS = 1e-5
