@@ -74,8 +74,8 @@ def read_run_file(out: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MLSAEError(
             f"{run_file} is not valid JSON ({type(exc).__name__}); the run directory is damaged: "
-            f"replace it with `mlsae-lens train --output-dir {out} --overwrite`, or choose another "
-            "--output-dir"
+            f"restore run.json, or replace the run with `mlsae-lens train --output-dir {out} "
+            "--overwrite`"
         ) from None
     if not isinstance(data, dict):
         raise MLSAEError(
@@ -83,6 +83,19 @@ def read_run_file(out: Path) -> dict[str, Any]:
             f"the run with `mlsae-lens train --output-dir {out} --overwrite`"
         )
     return data
+
+
+def load_run_config(out: Path) -> MultiLayerRunnerConfig:
+    """The run's settings from ``run.json``; damaged JSON or values are one line, not a traceback."""
+    data = read_run_file(out)
+    try:
+        return MultiLayerRunnerConfig.from_dict(data)
+    except MLSAEError as exc:
+        raise MLSAEError(f"{out / RUN_FILE} holds settings that are no longer valid ({exc})") from None
+    except (TypeError, ValueError) as exc:
+        raise MLSAEError(
+            f"{out / RUN_FILE} holds settings of the wrong type ({exc}); restore run.json"
+        ) from None
 
 
 def is_finished(out: Path) -> bool:
@@ -102,8 +115,7 @@ def _flag(key: str, value: Any) -> str:
 def remove_run(out: Path) -> list[str]:
     """Delete the mlsae-lens files of the run in ``out`` (``--overwrite``); other files stay.
     Returns the names of the entries it kept."""
-    for name in RUN_ARTEFACTS:
-        path = out / name
+    for path in [out / name for name in RUN_ARTEFACTS] + sorted(out.glob("eval.previous-*.json")):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():

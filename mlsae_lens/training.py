@@ -265,6 +265,10 @@ class MultiLayerSAETrainingRunner:
         tensors, plain = read_checkpoint(path)
         from safetensors.torch import load_file
 
+        from mlsae_lens.sae_files import check_tensors
+
+        expected = {name: tuple(t.shape) for name, t in self.sae.state_dict().items()}
+        check_tensors(path / "sae_weights.safetensors", expected, "the run's settings")
         self.sae.load_state_dict(load_file(path / "sae_weights.safetensors", device=self.device))
         self.optimizer.load_state_dict(optimizer_from_tensors(tensors, plain))
         self.scheduler.load_state_dict(plain["scheduler"])
