@@ -92,7 +92,7 @@ def check_tensors(
             if bad:
                 raise MLSAEError(
                     f"tensor {name} in {weights_file} holds {bad} NaN/inf values; the weights are "
-                    "unusable — retrain, or resume from an earlier checkpoint with a lower --lr"
+                    "unusable — retrain them (e.g. with a lower --lr) or restore the file"
                 )
 
 

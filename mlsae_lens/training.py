@@ -323,8 +323,9 @@ class MultiLayerSAETrainingRunner:
             last = list_checkpoints(self.out)
             where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
             raise MLSAEError(
-                f"the loss became NaN/inf at step {self.state.step}; {where}. Lower --lr and "
-                "resume with --resume (or start a new run)"
+                f"the loss became NaN/inf at step {self.state.step}; {where}. Resuming would repeat "
+                f"it: start again with a lower --lr (`mlsae-lens train --output-dir {self.out} "
+                f"--overwrite --lr {self.cfg.lr / 10:g}` with the other settings) or use another --output-dir"
             )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -423,7 +424,8 @@ class MultiLayerSAETrainingRunner:
                         path = self.checkpoint()
                         raise MLSAEError(
                             f"interrupted by signal {self._stop_signal or 'on another rank'} at {self.state.tokens} tokens; "
-                            f"checkpoint saved to {path}; continue with --resume"
+                            f"checkpoint saved to {path}; continue with `mlsae-lens train --output-dir {self.out} --resume` "
+                            "and the same settings"
                         )
         finally:
             for s, handler in previous.items():

@@ -171,3 +171,10 @@ def test_one_pass_or_less_says_nothing(tmp_path, tiny_model, caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="mlsae_lens"):
         run(dataclasses.replace(config(tmp_path), training_tokens=60), tiny_model)
     assert "passes over" not in caplog.text
+
+
+def test_train_takes_overwrite_and_defaults_to_a_fresh_output_dir() -> None:
+    from mlsae_lens.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["train", "--overwrite"]))
+    assert cfg.overwrite and cfg.output_dir is None  # resolved to runs/mlsae-<time> by the runner

@@ -113,10 +113,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_mo
         return original(batch)
 
     runner.step = poisoned  # type: ignore[method-assign]
-    with pytest.raises(MLSAEError, match=r"NaN/inf at step 5; the last good checkpoint is .*tokens_000000000060"):
+    with pytest.raises(MLSAEError, match=r"NaN/inf at step 5; the last good checkpoint is .*tokens_000000000060") as info:
         runner.run()
+    assert f"`mlsae-lens train --output-dir {tmp_path} --overwrite --lr 0.0001`" in str(info.value)
     assert not (tmp_path / "cfg.json").exists()
     assert (tmp_path / "checkpoints" / "tokens_000000000060" / "trainer_state.safetensors").exists()
+    train(tiny_config(tmp_path, overwrite=True, lr=1e-4), tiny_model, tiny_splits)  # the advised command
+    assert (tmp_path / "cfg.json").exists()
 
 
 def test_nan_activations_are_refused(tmp_path, tiny_model, tiny_splits) -> None:
