@@ -148,6 +148,9 @@ def test_an_unwritable_output_dir_is_named(tmp_path, tiny_model, tiny_splits) ->
     blocker.write_text("x")
     with pytest.raises(MLSAEError, match="cannot be created: .*file is a file"):
         MultiLayerSAETrainingRunner(tiny_config(blocker / "run"), model=tiny_model, splits=tiny_splits)
+    if Path("/sys").is_dir():  # sysfs refuses new entries even to root (EPERM)
+        with pytest.raises(MLSAEError, match="output directory /sys/mlsae-lens-run is not writable"):
+            MultiLayerSAETrainingRunner(tiny_config(Path("/sys/mlsae-lens-run")), model=tiny_model, splits=tiny_splits)
 
 
 @pytest.mark.parametrize(
