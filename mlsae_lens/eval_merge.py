@@ -8,9 +8,15 @@ of other layers cannot share per-layer lists; then the previous file is kept bes
 """
 
 import json
+import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
+
+from mlsae_lens.atomic import atomic_file
+
+logger = logging.getLogger(__name__)
 
 # Per-method keys measured by the spliced (downstream) pass, see evals.downstream_scores.
 DOWNSTREAM_KEYS = (
@@ -80,3 +86,21 @@ def merge_evaluations(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[st
         merged[KEPT_KEY] = sorted(set(kept) | set(old.get(KEPT_KEY, [])) - {f"method {n}" for n in new["methods"]}
                                   - ({"downstream"} if "downstream" in new else set()))
     return merged, changes
+
+
+def merge_with_previous(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """What to write to ``path`` (an ``eval.json``) instead of ``data``: merged with the earlier
+    evaluation there, whose file is copied aside first when the two cannot be merged."""
+    if not path.is_file():
+        return data
+    previous = read_previous(path)
+    merged, changes = merge_evaluations(previous, data) if previous is not None else (None, ["it is not readable"])
+    if merged is None:
+        backup = backup_name(path)
+        with atomic_file(backup) as tmp:
+            shutil.copyfile(path, tmp)
+        logger.warning("kept the previous %s as %s: %s", path.name, backup.name, changes[0])
+        return data
+    for change in changes:
+        logger.info("%s: %s", path.name, change)
+    return merged

@@ -731,28 +731,6 @@ def mlsae_training_seconds(run_dir: Path) -> tuple[float | None, str]:
     return None, "unknown"
 
 
-def _merge_with_previous(path: Path, data: dict[str, Any]) -> dict[str, Any]:
-    """Keep what an earlier ``eval`` computed and this one did not (see :mod:`eval_merge`)."""
-    import shutil
-
-    from mlsae_lens.atomic import atomic_file
-    from mlsae_lens.eval_merge import backup_name, merge_evaluations, read_previous
-
-    if not path.is_file():
-        return data
-    previous = read_previous(path)
-    merged, changes = merge_evaluations(previous, data) if previous is not None else (None, ["it is not readable"])
-    if merged is None:
-        backup = backup_name(path)
-        with atomic_file(backup) as tmp:
-            shutil.copyfile(path, tmp)
-        logger.warning("kept the previous %s as %s: %s", path.name, backup.name, changes[0])
-        return data
-    for change in changes:
-        logger.info("%s: %s", path.name, change)
-    return merged
-
-
 def evaluate_run(
     run_dir: str | Path,
     options: EvalOptions | None = None,
@@ -791,6 +769,7 @@ def evaluate_run(
     )
     from mlsae_lens.checkpoint import atomic_write_json
     from mlsae_lens.data import special_token_mask
+    from mlsae_lens.eval_merge import merge_with_previous
     from mlsae_lens.models import load_model
     from mlsae_lens.pipeline import check_sae_fits_model, load_run, load_sae
     from mlsae_lens.run_dir import load_run_config
@@ -862,7 +841,7 @@ def evaluate_run(
         "tokens": options.tokens, "downstream_tokens": downstream, "baselines": list(options.baselines),
         "layers": layers, "batch_size": batch_size,
     }
-    data = _merge_with_previous(run_dir / EVAL_FILE, data)
+    data = merge_with_previous(run_dir / EVAL_FILE, data)  # keep what this eval did not recompute
     atomic_write_json(run_dir / EVAL_FILE, data)
     mean_fvu = data["methods"]["mlsae"]["mean"]["fvu"]  # None when not finite: no "%.4f" of None
     logger.info("wrote %s (MLSAE mean FVU %s over layers %s)", run_dir / EVAL_FILE,

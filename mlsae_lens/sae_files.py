@@ -8,6 +8,7 @@ tensor, the shape expected and found, and which of the two files disagrees.
 """
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,40 +61,66 @@ def check_tensors(
             f"could not read the SAE weights in {weights_file} ({type(exc).__name__}: {exc}); the file "
             "is truncated or corrupted — retrain or restore it from a checkpoint"
         ) from None
+    floating = {name: dtype in ("F16", "BF16", "F32", "F64") for name, dtype in dtypes.items()}
+    with safe_open(str(weights_file), framework="pt") as f:
+        _check(f"{weights_file}", found, dtypes, floating, f.get_tensor, expected, described_by)
+
+
+def check_state_dict(
+    state_dict: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], described_by: str
+) -> None:
+    """:func:`check_tensors` for tensors already in memory (SAELens' loading hook)."""
+    _check(
+        "the state dict",
+        {name: tuple(t.shape) for name, t in state_dict.items()},
+        {name: str(t.dtype).removeprefix("torch.") for name, t in state_dict.items()},
+        {name: t.is_floating_point() for name, t in state_dict.items()},
+        state_dict.__getitem__,
+        expected,
+        described_by,
+    )
+
+
+def _check(
+    where: str,
+    found: dict[str, tuple[int, ...]],
+    dtypes: dict[str, str],
+    floating: dict[str, bool],
+    get_tensor: Callable[[str], torch.Tensor],
+    expected: dict[str, tuple[int, ...]],
+    described_by: str,
+) -> None:
     for name, shape in expected.items():
         if name not in found:
             raise MLSAEError(
-                f"{weights_file} lacks the tensor {name} (expected shape {_shape(shape)} from "
+                f"{where} lacks the tensor {name} (expected shape {_shape(shape)} from "
                 f"{described_by}); the file is incomplete or not an MLSAE's — retrain or restore it"
             )
         if found[name] != shape:
             raise MLSAEError(
-                f"tensor {name} in {weights_file} has shape {_shape(found[name])}, but {described_by} "
+                f"tensor {name} in {where} has shape {_shape(found[name])}, but {described_by} "
                 f"expects {_shape(shape)}: the weights and the config disagree{_sizes_of_weights(found)} "
                 "— restore the matching cfg.json or weights"
             )
     extra = sorted(set(found) - set(expected))
     if extra:
         raise MLSAEError(
-            f"{weights_file} holds tensors that {described_by} does not describe ({', '.join(extra)}); "
+            f"{where} holds tensors that {described_by} does not describe ({', '.join(extra)}); "
             "the weights and the config disagree — restore the matching cfg.json or weights"
         )
-    floating = ("F16", "BF16", "F32", "F64")
     for name in expected:
-        if dtypes[name] not in floating:
+        if not floating[name]:
             raise MLSAEError(
-                f"tensor {name} in {weights_file} has dtype {dtypes[name]}; SAE weights are floating "
+                f"tensor {name} in {where} has dtype {dtypes[name]}; SAE weights are floating "
                 "point — the file was not written by mlsae-lens or SAELens (retrain or restore it)"
             )
-    with safe_open(str(weights_file), framework="pt") as f:
-        for name in expected:
-            tensor = f.get_tensor(name)
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                raise MLSAEError(
-                    f"tensor {name} in {weights_file} holds {bad} NaN/inf values; the weights are "
-                    "unusable — retrain them (e.g. with a lower --lr) or restore the file"
-                )
+    for name in expected:
+        bad = int((~torch.isfinite(get_tensor(name))).sum())
+        if bad:
+            raise MLSAEError(
+                f"tensor {name} in {where} holds {bad} NaN/inf values; the weights are "
+                "unusable — retrain them (e.g. with a lower --lr) or restore the file"
+            )
 
 
 def check_sae_dir(path: Path, cfg_dict: dict[str, Any]) -> None:

@@ -282,3 +282,23 @@ def test_an_eval_of_other_layers_keeps_the_previous_file_beside_it(run_dir, tiny
     (backup,) = run_dir.glob("eval.previous-*.json")
     assert backup.read_text() == before
     assert json.loads((run_dir / "eval.json").read_text())["layers"] == [1]
+
+
+def test_a_saved_per_layer_baseline_with_nan_weights_is_named_and_retrained_on_request(
+    run_dir, tiny_model, tiny_splits
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    options = EvalOptions(tokens=30, downstream_tokens=0, baselines=("saelens-per-layer",), layers="1",
+                          batch_size=2, baseline_training_tokens=60)
+    evaluate_run(run_dir, options, model=tiny_model, splits=tiny_splits, report=False)
+    weights = run_dir / "baselines" / "saelens-per-layer" / "layer_1" / "sae_weights.safetensors"
+    state = load_file(weights)
+    state["W_enc"][0, :3] = float("nan")
+    save_file(state, weights)
+    with pytest.raises(MLSAEError, match="tensor W_enc in .*layer_1/sae_weights.safetensors holds 3 NaN/inf .*"
+                                         "--retrain-baselines"):
+        evaluate_run(run_dir, options, model=tiny_model, splits=tiny_splits, report=False)
+    options.retrain_baselines = True
+    data = evaluate_run(run_dir, options, model=tiny_model, splits=tiny_splits, report=False)
+    assert data["methods"]["saelens-per-layer"]["mean"]["fvu"] is not None

@@ -220,3 +220,25 @@ def test_cfg_of_another_architecture_is_refused_by_name(tmp_path: Path) -> None:
 def test_missing_sae_files_are_named(tmp_path: Path) -> None:
     with pytest.raises(MLSAEError, match="holds no SAE"):
         load_sae(tmp_path)
+
+
+@pytest.mark.parametrize("poison", ["nan", "shape"])
+def test_sae_lens_own_loading_refuses_bad_weights_too(tmp_path: Path, poison: str) -> None:
+    """``SAE.load_from_disk`` (not only mlsae-lens' load_sae) goes through the loading hook. (Its
+    disk loader casts every tensor to the config's dtype first, so an integer tensor is only
+    caught by load_sae, which reads the file's header.)"""
+    from safetensors.torch import load_file, save_file
+    from sae_lens import SAE
+
+    make_training_sae().save_inference_model(tmp_path)
+    weights = tmp_path / "sae_weights.safetensors"
+    state = load_file(weights)
+    if poison == "nan":
+        state["b_enc"][0] = float("inf")
+        match = "tensor b_enc in the state dict holds 1 NaN/inf values"
+    else:
+        state["W_dec"] = state["W_dec"][:, :-1].contiguous()
+        match = r"tensor W_dec in the state dict has shape \[\d+, \d+\], but this MLSAE's config"
+    save_file(state, weights)
+    with pytest.raises(MLSAEError, match=match):
+        SAE.load_from_disk(tmp_path)
