@@ -123,6 +123,17 @@ def _check(
             )
 
 
+def check_finite_floats(tensors: dict[str, torch.Tensor], where: str, fix: str) -> None:
+    """Refuse integer or NaN/inf tensors (a reference checkpoint, a lens), naming the tensor."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise MLSAEError(f"tensor {name} in {where} has dtype {str(tensor.dtype).removeprefix('torch.')}, "
+                             f"not floating point; {fix}")
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise MLSAEError(f"tensor {name} in {where} holds {bad} NaN/inf values; {fix}")
+
+
 def check_sae_dir(path: Path, cfg_dict: dict[str, Any]) -> None:
     """Check ``path/sae_weights.safetensors`` against ``cfg_dict`` (its ``cfg.json``)."""
     for key in ("d_in", "d_sae", "n_layers", "k"):
