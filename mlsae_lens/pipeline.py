@@ -19,7 +19,7 @@ from mlsae_lens.evals import ReconstructionResult
 from mlsae_lens.figures import per_layer_fvu_figure
 from mlsae_lens.report import ReportSection
 from mlsae_lens.sae import MultiLayerSAE
-from mlsae_lens.run_dir import load_run_config
+from mlsae_lens.run_dir import check_same_corpus, load_run_config
 from mlsae_lens.sae_files import check_sae_dir, read_cfg
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,7 @@ def load_run(path: Path, model: HookedTransformer | None = None, device: str = "
     model = model if model is not None else load_model(cfg.model_name, device=device)
     check_sae_fits_model(sae, model)
     splits = cfg.load_token_splits(model.tokenizer)
+    check_same_corpus(path, splits.provenance, resuming=False)  # else "test" may be training text
     return LoadedRun(path, cfg, sae, model, splits, special_token_mask(splits.test, model.tokenizer))
 
 

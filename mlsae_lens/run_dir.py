@@ -198,9 +198,10 @@ def prepare_output_dir(cfg: MultiLayerRunnerConfig, remove: bool = False) -> Pat
     return out
 
 
-def check_same_corpus(out: Path, provenance: dict[str, Any]) -> None:
-    """On ``--resume``: refuse when the corpus now gives other train/test tokens than the run
-    was started on (``splits.json``' hashes), instead of quietly training on new text."""
+def check_same_corpus(out: Path, provenance: dict[str, Any], resuming: bool = True) -> None:
+    """Refuse when the corpus now gives other train/test tokens than the run was started on
+    (``splits.json``' hashes): ``--resume`` would quietly train on new text, and ``eval``/
+    ``analyze`` would measure on a "test" split that is not the one training held out."""
     splits_file = out / SPLITS_FILE
     if not splits_file.is_file():
         return  # runs from before splits.json was written at the start
@@ -212,10 +213,18 @@ def check_same_corpus(out: Path, provenance: dict[str, Any]) -> None:
         before, now = recorded.get(key), provenance.get(key)
         if before is not None and now is not None and before != now:
             split = key.split("_")[0]
+            changed = (
+                f"the corpus {provenance.get('source')!r} changed since the run started (the {split} "
+                f"split's sha256 was {before}, now {now})"
+            )
+            if resuming:
+                raise MLSAEError(
+                    f"--resume: {changed}; restore the original corpus to resume, or start a new run "
+                    "with another --output-dir (or --overwrite)"
+                )
             raise MLSAEError(
-                f"--resume: the corpus {provenance.get('source')!r} changed since the run started "
-                f"(the {split} split's sha256 was {before}, now {now}); restore the original corpus "
-                "to resume, or start a new run with another --output-dir (or --overwrite)"
+                f"{changed}, so the test split is not the one {out} held out in training; restore the "
+                "original corpus and try again"
             )
 
 

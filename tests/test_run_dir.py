@@ -178,3 +178,18 @@ def test_train_takes_overwrite_and_defaults_to_a_fresh_output_dir() -> None:
 
     cfg = config_from_args(build_parser().parse_args(["train", "--overwrite"]))
     assert cfg.overwrite and cfg.output_dir is None  # resolved to runs/mlsae-<time> by the runner
+
+
+def test_eval_or_analyze_on_a_changed_corpus_is_refused_naming_both_hashes(tmp_path, tiny_model, monkeypatch) -> None:
+    from mlsae_lens.pipeline import load_run
+
+    run(config(tmp_path), tiny_model)
+    old = hashed_splits().provenance["train_sha256"]
+    new = hashed_splits(shift=5).provenance["train_sha256"]
+    # The corpus is rebuilt from disk at load; the tiny model has no real tokenizer, so hand the
+    # edited corpus' splits over directly.
+    monkeypatch.setattr(MultiLayerRunnerConfig, "load_token_splits", lambda self, tok: hashed_splits(shift=5))
+    with pytest.raises(MLSAEError, match=f"was {old}, now {new}\\), so the test split is not the one .* held out"):
+        load_run(tmp_path, model=tiny_model)
+    monkeypatch.setattr(MultiLayerRunnerConfig, "load_token_splits", lambda self, tok: hashed_splits())
+    assert load_run(tmp_path, model=tiny_model).splits.provenance["train_sha256"] == old
