@@ -25,11 +25,12 @@ SPLITS_FILE = "splits.json"
 DEFAULT_PREFIX = "runs/mlsae-"
 
 # Everything mlsae-lens writes into a run directory (train, eval, analyze, explore, convert):
-# --overwrite removes these and nothing else, so a user's own files there survive.
+# --overwrite removes these and nothing else, so a user's own files there survive. Not the
+# .lock: the overwriting run holds it while it removes the rest.
 RUN_ARTEFACTS = (
     RUN_FILE, "cfg.json", "sae_weights.safetensors", "training_log.json", SPLITS_FILE,
     CHECKPOINT_DIR, "eval.json", "metrics.json", "stats.safetensors", "report.html",
-    "baselines", "top_contexts.safetensors", "explore.html", "README.md", LOCK_FILE,
+    "baselines", "top_contexts.safetensors", "explore.html", "README.md",
 )
 
 

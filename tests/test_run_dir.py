@@ -94,7 +94,17 @@ def test_a_finished_run_is_not_retrained_by_resume_and_overwrite_replaces_only_i
     assert (tmp_path / "sae_weights.safetensors").read_bytes() == before
     with pytest.raises(MLSAEError, match="pass one"):
         MultiLayerSAETrainingRunner(config(tmp_path, resume=True, overwrite=True), model=tiny_model)
-    run(config(tmp_path, k=3, overwrite=True, checkpoint_every_tokens=1000), tiny_model)
+    overwriting = MultiLayerSAETrainingRunner(config(tmp_path, k=3, overwrite=True, checkpoint_every_tokens=1000),
+                                              model=tiny_model, splits=hashed_splits())
+    original = overwriting.step
+
+    def step(batch):  # while it trains, the overwriting run still holds the directory's lock
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+        return original(batch)
+
+    overwriting.step = step  # type: ignore[method-assign]
+    overwriting.run()
+    assert not (tmp_path / LOCK_FILE).exists()
     assert json.loads((tmp_path / "run.json").read_text())["k"] == 3
     assert not (tmp_path / "checkpoints").exists()  # the old run's checkpoints went with it
     assert (tmp_path / "notes.txt").read_text() == "mine"
