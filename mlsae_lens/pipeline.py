@@ -72,17 +72,23 @@ def load_sae(path: Path, device: str = "cpu") -> MultiLayerSAE:
 
 
 def refuse_unfinished_run(path: Path) -> None:
-    """A run directory with checkpoints but no final SAE is an interrupted training: say so and
-    give the command that finishes it (not "holds no SAE")."""
+    """A run directory without its final SAE is an interrupted training (or one that failed before
+    its first checkpoint): say so and give the command that gets on (not "holds no SAE")."""
     from mlsae_lens.checkpoint import list_checkpoints
 
     checkpoints = list_checkpoints(path)
-    if (path / "run.json").is_file() and checkpoints:
+    if not (path / "run.json").is_file():
+        return
+    if checkpoints:
         raise MLSAEError(
             f"{path} holds an unfinished training run (last checkpoint {checkpoints[-1].name}, no final "
             f"SAE yet); finish it with `mlsae-lens train --output-dir {path} --resume` and the run's "
             "settings, then try again"
         )
+    raise MLSAEError(
+        f"{path} holds a training run that stopped before its first checkpoint: nothing was trained; "
+        f"train it again with `mlsae-lens train --output-dir {path}` (any settings), then try again"
+    )
 
 
 def check_sae_fits_model(sae: MultiLayerSAE, model: HookedTransformer) -> None:

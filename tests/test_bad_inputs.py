@@ -303,6 +303,14 @@ def test_analyze_on_an_interrupted_run_says_unfinished_and_gives_the_resume_comm
     assert f"`mlsae-lens train --output-dir {tmp_path} --resume`" in err and err.count("\n") == 1
 
 
+def test_eval_on_a_run_that_failed_before_its_first_checkpoint_says_so(tmp_path, capsys) -> None:
+    (tmp_path / "run.json").write_text(json.dumps({"model_name": "tiny"}))
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "stopped before its first checkpoint: nothing was trained" in err
+    assert f"`mlsae-lens train --output-dir {tmp_path}`" in err and err.count("\n") == 1
+
+
 def test_a_run_json_that_is_not_json_is_one_line_for_every_command(tmp_path, capsys) -> None:
     saved_sae(tmp_path)
     (tmp_path / "run.json").write_text("{oops")
