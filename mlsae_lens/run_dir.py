@@ -173,10 +173,12 @@ def prepare_output_dir(cfg: MultiLayerRunnerConfig, remove: bool = False) -> Pat
             f"`mlsae-lens train --output-dir {out} --overwrite`"
         )
     if not checkpoints:
-        logger.warning(
-            "%s holds a run that stopped before its first checkpoint: nothing was trained, so it is "
-            "started again with the settings given now%s", out, " (--resume has nothing to resume)" if cfg.resume else "",
-        )
+        if not remove:  # said once, at the first of the runner's two checks
+            logger.warning(
+                "%s holds a run that stopped before its first checkpoint: nothing was trained, so it is "
+                "started again with the settings given now%s", out,
+                " (--resume has nothing to resume)" if cfg.resume else "",
+            )
         return out
     if not cfg.resume:
         raise MLSAEError(

@@ -382,7 +382,7 @@ class MultiLayerSAETrainingRunner:
             atomic_write_json(self.out / SPLITS_FILE, self.splits_record())
         n_valid = int((~self.special_mask).sum())
         passes = passes_over_data(cfg.training_tokens, n_valid)
-        if passes > 1:
+        if passes > 1 and is_main():
             logger.warning(
                 "--training-tokens %d makes %.1f passes over the %d training tokens of the corpus: "
                 "every token is seen about %.0f times (use more text or fewer --training-tokens to "
