@@ -103,7 +103,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     except Exception as exc:  # safetensors raises its own error types
         raise MLSAEError(
             f"checkpoint {path} is damaged or incomplete ({exc}); delete it to resume from "
-            "the one before, or start a new run"
+            "the one before (with none left, the run starts again), or replace the run with --overwrite"
         ) from exc
     return tensors, plain
 
