@@ -249,6 +249,7 @@ def _open_run(
     from mlsae_lens.data import special_token_mask
     from mlsae_lens.models import load_model
     from mlsae_lens.pipeline import check_sae_fits_model, load_run, load_sae
+    from mlsae_lens.run_dir import load_run_config
 
     _check_run_dir(run_dir)
     if splits is None:
@@ -256,12 +257,7 @@ def _open_run(
         cfg, sae, model, splits = run.cfg, run.sae, run.model, run.splits
         special_mask = run.test_special_mask
     else:
-        try:
-            cfg = MultiLayerRunnerConfig.from_dict(json.loads((run_dir / "run.json").read_text()))
-        except json.JSONDecodeError as exc:
-            raise MLSAEError(
-                f"{run_dir / 'run.json'} is not valid JSON ({exc}); the run is damaged"
-            ) from exc
+        cfg = load_run_config(run_dir)
         sae = load_sae(run_dir, device)
         model = model if model is not None else load_model(cfg.model_name, device=device)
         check_sae_fits_model(sae, model)
@@ -907,6 +903,12 @@ def compare_runs(run_dirs: Sequence[str | Path], output: str | Path) -> Path:
     if not run_dirs:
         raise MLSAEError("compare needs at least one run directory")
     paths = [Path(p) for p in run_dirs]
+    seen: dict[Path, Path] = {}
+    for path in paths:  # one run under two spellings (run, ./run, a symlink) is one run
+        first = seen.setdefault(path.resolve(), path)
+        if first is not path:
+            same = f"{first} twice" if str(first) == str(path) else f"one run twice ({first} and {path})"
+            raise MLSAEError(f"compare was given {same}; pass each run directory once")
     labels = _labels(paths)
     ratios: dict[str, dict[str, Any]] = {}
     norms: dict[str, ResidualNormResult] = {}

@@ -58,6 +58,15 @@ def staging_dir(parent: str | os.PathLike[str], prefix: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def with_umask_modes(directory: str | os.PathLike[str]) -> None:
+    """Give the files in ``directory`` a plain ``open``'s mode (0666 minus the umask):
+    ``safetensors`` writes its files 0600, which other users of the run could not read."""
+    mode = 0o666 & ~_umask()
+    for path in Path(directory).iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically, flushed to disk before the rename."""
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:

@@ -40,6 +40,7 @@ from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.normalization import normalize
 from mlsae_lens.sae import MultiLayerMixin, TopKOutput
+from mlsae_lens.sae_files import check_sae_dir, read_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -301,6 +302,10 @@ def load_per_layer_saes(
         path = out_dir / f"layer_{layer}"
         if not (path / "cfg.json").is_file():
             return None
+        try:  # a damaged or NaN baseline would load as it is and give absurd metrics
+            check_sae_dir(path, read_cfg(path))
+        except MLSAEError as exc:
+            raise MLSAEError(f"{exc} (per-layer baseline; `mlsae-lens eval --retrain-baselines` trains it again)") from None
         loaded = SAE.load_from_disk(path, device=device)
         if loaded.cfg.d_sae != d_sae or getattr(loaded.cfg, "k", None) != k:
             return None

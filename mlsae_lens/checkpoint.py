@@ -19,6 +19,7 @@ from mlsae_lens.atomic import (  # noqa: F401 - re-exported
     atomic_save_file,
     atomic_write_json,
     staging_dir,
+    with_umask_modes,
 )
 from mlsae_lens.errors import MLSAEError
 
@@ -62,6 +63,7 @@ def write_checkpoint(
         sae.save_model(tmp)
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / STATE_TENSORS)
         (tmp / STATE_JSON).write_text(json.dumps(plain, indent=2, default=str))
+        with_umask_modes(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -78,6 +80,7 @@ def atomic_save_sae(sae: Any, directory: Path, inference: bool = True) -> None:
         # A training SAE saves its inference form; an inference SAE has only save_model.
         save = sae.save_inference_model if inference and hasattr(sae, "save_inference_model") else sae.save_model
         save(tmp)
+        with_umask_modes(tmp)
         # Weights first, config last: a cfg.json always describes complete weights.
         for name in sorted(p.name for p in tmp.iterdir() if p.name != "cfg.json") + ["cfg.json"]:
             os.replace(tmp / name, directory / name)
@@ -100,7 +103,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     except Exception as exc:  # safetensors raises its own error types
         raise MLSAEError(
             f"checkpoint {path} is damaged or incomplete ({exc}); delete it to resume from "
-            "the one before, or start a new run"
+            "the one before (with none left, the run starts again), or replace the run with --overwrite"
         ) from exc
     return tensors, plain
 
@@ -168,6 +171,26 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def live_lock_holder(run_dir: Path, ignore_self: bool = False) -> tuple[int, str] | None:
+    """``(pid, host)`` of the process holding ``run_dir/.lock``, or None when there is no lock
+    or it is stale (its process on this host is dead, or the lock is half-written); with
+    ``ignore_self``, also None when this process holds it."""
+    import socket
+
+    lock = Path(run_dir) / LOCK_FILE
+    if not lock.exists():
+        return None
+    here = socket.gethostname()
+    try:
+        holder = json.loads(lock.read_text())
+        pid, host = int(holder["pid"]), str(holder.get("host", here))
+    except (OSError, ValueError, KeyError, TypeError):
+        pid, host = -1, here  # unreadable: half-written by a killed process
+    if host == here and (pid < 0 or not _pid_alive(pid) or (ignore_self and pid == os.getpid())):
+        return None
+    return pid, host
+
+
 def acquire_run_lock(run_dir: Path) -> Path:
     """Create ``run_dir/.lock`` (``O_EXCL``) holding our pid and host, so two runs never
     write into one directory. A lock whose process is dead (a run killed by SIGKILL or a
@@ -180,14 +203,11 @@ def acquire_run_lock(run_dir: Path) -> Path:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text())
-                pid, host = int(holder["pid"]), str(holder.get("host", me["host"]))
-            except (OSError, ValueError, KeyError, TypeError):
-                pid, host = -1, me["host"]  # unreadable: half-written by a killed process
-            if host == me["host"] and (pid < 0 or not _pid_alive(pid)):
+            holder = live_lock_holder(run_dir)
+            if holder is None:
                 lock.unlink(missing_ok=True)  # stale
                 continue
+            pid, host = holder
             raise MLSAEError(
                 f"another mlsae-lens run (pid {pid} on {host}) is writing into {run_dir}; wait for "
                 f"it to finish or choose another --output-dir (if no such run exists, delete {lock})"

@@ -96,8 +96,13 @@ class MultiLayerRunnerConfig:
         None, "write a checkpoint every N training tokens (default: a quarter of the run)"
     )
     log_every_steps: int = option(10, "record loss, FVU, L0 and dead fraction every N steps")
-    output_dir: str = option("runs/mlsae", "run directory (SAE, checkpoints, logs, report)")
+    output_dir: str | None = option(
+        None, "run directory (SAE, checkpoints, logs, report); default: a fresh runs/mlsae-<time>"
+    )
     resume: bool = option(False, "continue the run in --output-dir from its latest checkpoint")
+    overwrite: bool = option(
+        False, "replace the mlsae-lens run already in --output-dir (other files there are kept)"
+    )
     seed: int = option(42, "random seed (weights and data order)")
     device: str = option("auto", "cpu, cuda, or auto (cuda when available)")
     log_to_wandb: bool = option(False, "log metrics to Weights & Biases (off by default)")
@@ -186,5 +191,5 @@ class MultiLayerRunnerConfig:
 
 
 # Fields that may differ when resuming a run: they do not change what was trained so far.
-RESUMABLE_FIELDS = {"resume", "training_tokens", "encoder_matmul_dtype", "checkpoint_every_tokens", "log_every_steps",
+RESUMABLE_FIELDS = {"resume", "overwrite", "training_tokens", "encoder_matmul_dtype", "checkpoint_every_tokens", "log_every_steps",
                     "device", "log_to_wandb", "wandb_project", "output_dir"}

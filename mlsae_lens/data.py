@@ -358,6 +358,11 @@ def _local_files(path: Path) -> list[Path]:
                 ".json or .parquet file (or a directory of them)."
             )
         return [path]
+    if not path.is_dir():  # a FIFO, socket or device: neither a corpus file nor a directory
+        raise MLSAEError(
+            f"Corpus {path} is not a regular file or a directory (a FIFO, socket or device); "
+            "pass a .txt, .jsonl, .json or .parquet file, or a directory of them."
+        )
     files = sorted(
         p
         for p in path.rglob("*")

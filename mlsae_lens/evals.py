@@ -769,10 +769,11 @@ def evaluate_run(
         train_saelens_per_layer,
     )
     from mlsae_lens.checkpoint import atomic_write_json
-    from mlsae_lens.config import MultiLayerRunnerConfig
     from mlsae_lens.data import special_token_mask
+    from mlsae_lens.eval_merge import merge_with_previous
     from mlsae_lens.models import load_model
     from mlsae_lens.pipeline import check_sae_fits_model, load_run, load_sae
+    from mlsae_lens.run_dir import load_run_config
 
     options = options or EvalOptions()
     run_dir = Path(run_dir)
@@ -781,7 +782,7 @@ def evaluate_run(
         run = load_run(run_dir, model=model, device=device)
         cfg, sae, model, splits = run.cfg, run.sae, run.model, run.splits
     else:
-        cfg = MultiLayerRunnerConfig.from_dict(json.loads((run_dir / "run.json").read_text()))
+        cfg = load_run_config(run_dir)
         sae = load_sae(run_dir, device)
         model = model if model is not None else load_model(cfg.model_name, device=device)
         check_sae_fits_model(sae, model)
@@ -841,9 +842,11 @@ def evaluate_run(
         "tokens": options.tokens, "downstream_tokens": downstream, "baselines": list(options.baselines),
         "layers": layers, "batch_size": batch_size,
     }
+    data = merge_with_previous(run_dir / EVAL_FILE, data)  # keep what this eval did not recompute
     atomic_write_json(run_dir / EVAL_FILE, data)
-    logger.info("wrote %s (MLSAE mean FVU %.4f over layers %s)", run_dir / EVAL_FILE,
-                data["methods"]["mlsae"]["mean"]["fvu"], layers)
+    mean_fvu = data["methods"]["mlsae"]["mean"]["fvu"]  # None when not finite: no "%.4f" of None
+    logger.info("wrote %s (MLSAE mean FVU %s over layers %s)", run_dir / EVAL_FILE,
+                "n/a" if mean_fvu is None else f"{mean_fvu:.4f}", layers)
     if report:
         build_run_report(run_dir)
     return data

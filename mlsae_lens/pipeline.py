@@ -4,7 +4,6 @@ Loading a finished run back (model, test split, SAE) lives here too, so ``analyz
 ``eval`` see exactly the tokens the run held out.
 """
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from mlsae_lens.evals import ReconstructionResult
 from mlsae_lens.figures import per_layer_fvu_figure
 from mlsae_lens.report import ReportSection
 from mlsae_lens.sae import MultiLayerSAE
+from mlsae_lens.run_dir import check_same_corpus, load_run_config
+from mlsae_lens.sae_files import check_sae_dir, read_cfg
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +48,16 @@ def load_sae(path: Path, device: str = "cpu") -> MultiLayerSAE:
         refuse_pickles_instead_of_weights(path)
     check_not_pickle(weights_file)  # safetensors would only call a pickle "corrupted"
     if not cfg_file.exists() or not weights_file.exists():
+        refuse_unfinished_run(path)
         raise MLSAEError(f"{path} holds no SAE (cfg.json + sae_weights.safetensors); pass a run directory")
-    try:
-        architecture = json.loads(cfg_file.read_text()).get("architecture")
-    except json.JSONDecodeError as exc:
-        raise MLSAEError(f"{cfg_file} is not valid JSON ({exc}); the run directory is damaged") from exc
+    cfg_dict = read_cfg(path)
+    architecture = cfg_dict.get("architecture")
     if architecture != "multilayer_topk":
         raise MLSAEError(
             f"{path} holds a SAELens SAE of architecture {architecture!r}, not an MLSAE "
             "('multilayer_topk'); load it with sae_lens.SAE.load_from_disk instead"
         )
+    check_sae_dir(path, cfg_dict)  # names a wrong shape, missing tensor, int dtype or NaN
     try:
         sae = SAE.load_from_disk(path, device=device)
     except MLSAEError:
@@ -68,6 +69,26 @@ def load_sae(path: Path, device: str = "cpu") -> MultiLayerSAE:
         ) from exc
     assert isinstance(sae, MultiLayerSAE)
     return sae
+
+
+def refuse_unfinished_run(path: Path) -> None:
+    """A run directory without its final SAE is an interrupted training (or one that failed before
+    its first checkpoint): say so and give the command that gets on (not "holds no SAE")."""
+    from mlsae_lens.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(path)
+    if not (path / "run.json").is_file():
+        return
+    if checkpoints:
+        raise MLSAEError(
+            f"{path} holds an unfinished training run (last checkpoint {checkpoints[-1].name}, no final "
+            f"SAE yet); finish it with `mlsae-lens train --output-dir {path} --resume` and the run's "
+            "settings, then try again"
+        )
+    raise MLSAEError(
+        f"{path} holds a training run that stopped before its first checkpoint: nothing was trained; "
+        f"train it again with `mlsae-lens train --output-dir {path}` (any settings), then try again"
+    )
 
 
 def check_sae_fits_model(sae: MultiLayerSAE, model: HookedTransformer) -> None:
@@ -87,11 +108,12 @@ def load_run(path: Path, model: HookedTransformer | None = None, device: str = "
     run_file = path / "run.json"
     if not run_file.exists():
         raise MLSAEError(f"{path} is not an mlsae-lens run directory (no run.json); pass the --output-dir of a training run")
-    cfg = MultiLayerRunnerConfig.from_dict(json.loads(run_file.read_text()))
+    cfg = load_run_config(path)
     sae = load_sae(path, device)
     model = model if model is not None else load_model(cfg.model_name, device=device)
     check_sae_fits_model(sae, model)
     splits = cfg.load_token_splits(model.tokenizer)
+    check_same_corpus(path, splits.provenance, resuming=False)  # else "test" may be training text
     return LoadedRun(path, cfg, sae, model, splits, special_token_mask(splits.test, model.tokenizer))
 
 

@@ -62,6 +62,7 @@ from mlsae_lens.checkpoint import (
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.models import hub_unavailable
 from mlsae_lens.sae import ARCHITECTURE, MultiLayerSAE
+from mlsae_lens.sae_files import check_finite_floats
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +270,7 @@ def read_reference_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         raise MLSAEError(
             f"could not read the checkpoint in {path} ({type(exc).__name__}: {exc}); re-download it"
         ) from exc
+    check_finite_floats(tensors, str(weights_file), "the checkpoint is damaged; re-download it")
     return config, tensors
 
 
@@ -404,6 +406,7 @@ def build_sae(cfg: dict[str, Any], state: dict[str, torch.Tensor], device: str =
     from mlsae_lens.sae import MultiLayerSAEConfig
 
     sae = MultiLayerSAE(MultiLayerSAEConfig.from_dict(cfg))
+    sae.process_state_dict_for_loading(state)  # shapes and finiteness, incl. a supplied lens
     sae.load_state_dict(state)
     return sae.to(device)
 

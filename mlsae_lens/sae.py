@@ -215,6 +215,17 @@ class MultiLayerMixin:
     hook_sae_input: Callable[[Tensor], Tensor]
     hook_sae_recons: Callable[[Tensor], Tensor]
 
+    def process_state_dict_for_loading(self, state_dict: dict[str, Any]) -> None:
+        """SAELens' hook before ``load_state_dict(assign=True)``: every load path (``load_from_disk``,
+        ``from_pretrained``, the training SAE) refuses weights of another shape, an integer dtype
+        or NaN/inf instead of loading them as they are."""
+        from mlsae_lens.sae_files import check_state_dict
+
+        super().process_state_dict_for_loading(state_dict)  # type: ignore[misc]
+        expected = {name: tuple(t.shape) for name, t in self.state_dict().items()}  # type: ignore[attr-defined]
+        check_state_dict(state_dict, expected, f"this MLSAE's config (d_in={self.cfg.d_in}, "
+                         f"d_sae={self.cfg.d_sae}, n_layers={self.cfg.n_layers})")
+
     def init_multilayer_weights(self) -> None:
         d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
         device = torch.device(self.cfg.device)

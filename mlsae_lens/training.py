@@ -45,7 +45,7 @@ from mlsae_lens.checkpoint import (
     release_run_lock,
     write_checkpoint,
 )
-from mlsae_lens.config import RESUMABLE_FIELDS, MultiLayerRunnerConfig
+from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.distributed import (
     ShardedActivationStream,
     all_reduce_gradients_,
@@ -58,11 +58,18 @@ from mlsae_lens.distributed import (
 )
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.memory import resolve_model_batch_size
+from mlsae_lens.run_dir import (  # noqa: F401 - prepare_output_dir re-exported
+    RUN_FILE,
+    SPLITS_FILE,
+    check_same_corpus,
+    passes_over_data,
+    prepare_output_dir,
+    resolve_output_dir,
+)
 from mlsae_lens.sae import MultiLayerTrainingSAE, MultiLayerTrainingSAEConfig
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 LOG_FILE = "training_log.json"
 
 
@@ -114,46 +121,6 @@ class TrainingState:
     log: list[dict[str, float]] = field(default_factory=list)
 
 
-def prepare_output_dir(cfg: MultiLayerRunnerConfig) -> Path:
-    """Create the run directory, or check that ``--resume`` continues the same run."""
-    out = Path(cfg.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise MLSAEError(
-            f"output directory {out} is not writable ({exc.strerror}); choose another --output-dir"
-        ) from exc
-    run_file = out / RUN_FILE
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if not cfg.resume:
-            raise MLSAEError(
-                f"{out} already holds a run; pass --resume to continue it, or choose a new --output-dir"
-            )
-        # An auto --model-batch-size (None) takes the recorded value, see resolved_model_batch_size.
-        auto = {"model_batch_size"} if cfg.model_batch_size is None else set()
-        differing = sorted(
-            key
-            for key, value in cfg.to_dict().items()
-            if key not in RESUMABLE_FIELDS | auto and previous.get(key) != value
-        )
-        if differing:
-            raise MLSAEError(
-                f"{out} holds a different run (settings differ: {', '.join(differing)}); "
-                "use the same settings to resume, or choose a new --output-dir"
-            )
-    elif any(p for p in out.iterdir() if not p.name.startswith(".")):
-        raise MLSAEError(
-            f"{out} is not empty and holds no mlsae-lens run; choose an empty or new --output-dir"
-        )
-    elif cfg.resume:
-        raise MLSAEError(f"--resume was given but {out} holds no run to resume; drop --resume")
-    return out
-
-
 class MultiLayerSAETrainingRunner:
     """Train an MLSAE on every ``hook_resid_post`` of a model, with checkpoints and resume.
 
@@ -172,7 +139,7 @@ class MultiLayerSAETrainingRunner:
         from mlsae_lens.data import special_token_mask
         from mlsae_lens.models import load_model
 
-        self.cfg = cfg
+        self.cfg = cfg = resolve_output_dir(cfg)
         # Under torchrun: join the process group; rank 0 alone checks and writes the run dir.
         self.dist = maybe_init_distributed(resolve_device(cfg.device))
         self.device = rank_device(resolve_device(cfg.device), self.dist)
@@ -298,6 +265,10 @@ class MultiLayerSAETrainingRunner:
         tensors, plain = read_checkpoint(path)
         from safetensors.torch import load_file
 
+        from mlsae_lens.sae_files import check_tensors
+
+        expected = {name: tuple(t.shape) for name, t in self.sae.state_dict().items()}
+        check_tensors(path / "sae_weights.safetensors", expected, "the run's settings")
         self.sae.load_state_dict(load_file(path / "sae_weights.safetensors", device=self.device))
         self.optimizer.load_state_dict(optimizer_from_tensors(tensors, plain))
         self.scheduler.load_state_dict(plain["scheduler"])
@@ -352,8 +323,9 @@ class MultiLayerSAETrainingRunner:
             last = list_checkpoints(self.out)
             where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
             raise MLSAEError(
-                f"the loss became NaN/inf at step {self.state.step}; {where}. Lower --lr and "
-                "resume with --resume (or start a new run)"
+                f"the loss became NaN/inf at step {self.state.step}; {where}. Resuming would repeat "
+                f"it: start again with a lower --lr (`mlsae-lens train --output-dir {self.out} "
+                f"--overwrite --lr {self.cfg.lr / 10:g}` with the other settings) or use another --output-dir"
             )
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -393,7 +365,7 @@ class MultiLayerSAETrainingRunner:
             return self._run()
         acquire_run_lock(self.out)
         try:
-            prepare_output_dir(self.cfg)  # again, under the lock: another run may have started
+            prepare_output_dir(self.cfg, remove=True)  # again, under the lock: another run may have started
             return self._run()
         finally:
             release_run_lock(self.out)
@@ -402,11 +374,20 @@ class MultiLayerSAETrainingRunner:
         cfg = self.cfg
         checkpoints = list_checkpoints(self.out)
         if cfg.resume and checkpoints:
+            check_same_corpus(self.out, self.splits.provenance)
             self.restore(checkpoints[-1])
-        elif cfg.resume:
-            raise MLSAEError(f"--resume: {self.out} has no checkpoint yet; start the run again without --resume")
         if is_main():
             atomic_write_json(self.out / RUN_FILE, cfg.to_dict())
+            # Now, not only at the end: a resumed run checks its corpus against these hashes.
+            atomic_write_json(self.out / SPLITS_FILE, self.splits_record())
+        n_valid = int((~self.special_mask).sum())
+        passes = passes_over_data(cfg.training_tokens, n_valid)
+        if passes > 1 and is_main():
+            logger.warning(
+                "--training-tokens %d makes %.1f passes over the %d training tokens of the corpus: "
+                "every token is seen about %.0f times (use more text or fewer --training-tokens to "
+                "see each once)", cfg.training_tokens, passes, n_valid, passes,
+            )
 
         batches = self.stream.batches(self.state.chunk, self.state.batch_in_chunk)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -443,7 +424,8 @@ class MultiLayerSAETrainingRunner:
                         path = self.checkpoint()
                         raise MLSAEError(
                             f"interrupted by signal {self._stop_signal or 'on another rank'} at {self.state.tokens} tokens; "
-                            f"checkpoint saved to {path}; continue with --resume"
+                            f"checkpoint saved to {path}; continue with `mlsae-lens train --output-dir {self.out} --resume` "
+                            "and the same settings"
                         )
         finally:
             for s, handler in previous.items():
@@ -459,11 +441,12 @@ class MultiLayerSAETrainingRunner:
             return
         atomic_save_sae(self.sae, self.out)
         atomic_write_json(self.out / LOG_FILE, self.state.log)
-        atomic_write_json(
-            self.out / "splits.json",
-            {"train": self.splits.provenance, "n_train_contexts": int(self.splits.train.shape[0]),
-             "n_test_contexts": int(self.splits.test.shape[0])},
-        )
+        atomic_write_json(self.out / SPLITS_FILE, self.splits_record())
+
+    def splits_record(self) -> dict[str, Any]:
+        """``splits.json``: the corpus provenance, with the train/test token hashes."""
+        return {"train": self.splits.provenance, "n_train_contexts": int(self.splits.train.shape[0]),
+                "n_test_contexts": int(self.splits.test.shape[0])}
 
     def _maybe_wandb(self) -> Any:
         if not self.cfg.log_to_wandb or not is_main():

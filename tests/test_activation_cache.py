@@ -107,3 +107,13 @@ def test_a_missing_cache_or_an_existing_one_is_named(tmp_path, cache_dir) -> Non
         runner(tmp_path / "a", tmp_path / "nothing")
     with pytest.raises(MLSAEError, match="already holds an activation cache"):
         write_activation_cache(tiny_config(tmp_path / "x"), cache_dir, model=tiny_model(), splits=tiny_splits())
+
+
+def test_cache_files_get_the_umask_mode_like_every_other_file(cache_dir) -> None:
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in cache_dir.rglob("*"):  # the root is pytest's own (0700) directory
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert path.stat().st_mode & 0o777 == want, path

@@ -340,6 +340,16 @@ def test_compare_with_an_unanalysed_run_says_to_analyze_it(run_dir, tmp_path, ca
     assert "mlsae-lens analyze" in capsys.readouterr().err
 
 
+def test_compare_of_one_run_twice_is_refused_under_any_spelling(run_dir, tmp_path, capsys) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(run_dir)
+    for second in (run_dir, Path(f"{run_dir}/"), run_dir / ".." / run_dir.name, link):
+        assert main(["compare", str(run_dir), str(second), "--output", str(tmp_path / "c.html")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "twice" in err and "pass each run directory once" in err, err
+    assert not (tmp_path / "c.html").exists()
+
+
 # ---------------------------------------------------------------------- the real CLI
 
 

@@ -6,13 +6,14 @@ import errno
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mlsae_lens import MLSAEError, MultiLayerSAE, MultiLayerSAEConfig
 from mlsae_lens import atomic
@@ -209,3 +210,123 @@ def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_not_taken_fo
     assert path.read_bytes()[0] == 0x80
     check_not_pickle(path)  # must not raise
     assert load_file(path)["x" * name_len].shape == (1,)
+
+
+# ---- SAE weights that disagree with cfg.json, or are not finite floats (issue 15) ------------
+
+
+def saved_sae(directory: Path) -> Path:
+    atomic_save_sae(tiny_sae(), directory)
+    return directory / "sae_weights.safetensors"
+
+
+def test_a_wrong_tensor_shape_names_the_tensor_both_shapes_and_the_files(tmp_path) -> None:
+    weights = saved_sae(tmp_path)
+    state = load_file(weights)
+    state["W_enc"] = torch.zeros(8, 32)
+    save_file(state, weights)
+    with pytest.raises(MLSAEError, match=r"tensor W_enc in .* has shape \[8, 32\], but cfg.json \(d_in=8, d_sae=16, "
+                                         r"n_layers=2\) expects \[8, 16\]: the weights and the config disagree"):
+        load_sae(tmp_path)
+
+
+def test_a_missing_b_dec_is_named(tmp_path) -> None:
+    weights = saved_sae(tmp_path)
+    state = load_file(weights)
+    del state["b_dec"]
+    save_file(state, weights)
+    with pytest.raises(MLSAEError, match=r"lacks the tensor b_dec \(expected shape \[8\] from cfg.json"):
+        load_sae(tmp_path)
+
+
+@pytest.mark.parametrize(("key", "value", "found"), [("n_layers", 3, "[2, 8]"), ("d_in", 4, "[8]")])
+def test_a_cfg_json_that_disagrees_with_the_weights_is_named(tmp_path, key, value, found) -> None:
+    saved_sae(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg[key] = value
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(MLSAEError, match=rf"has shape {re.escape(found)}, but cfg.json \(.*{key}={value}.*\) expects"
+                                         r".*disagree \(the weights are of an SAE with d_in=8, d_sae=16, n_layers=2\)"):
+        load_sae(tmp_path)
+
+
+@pytest.mark.parametrize("poison", ["int", "nan", "inf"])
+def test_integer_or_non_finite_weights_are_refused_at_load_naming_the_tensor(tmp_path, poison) -> None:
+    weights = saved_sae(tmp_path)
+    state = load_file(weights)
+    if poison == "int":
+        state["W_dec"] = state["W_dec"].round().to(torch.int64)
+        match = "tensor W_dec in .* has dtype I64; SAE weights are floating point"
+    else:
+        state["W_dec"][3, 1] = float(poison)
+        match = "tensor W_dec in .* holds 1 NaN/inf values"
+    save_file(state, weights)
+    with pytest.raises(MLSAEError, match=match):
+        load_sae(tmp_path)
+
+
+def test_the_cli_refuses_nan_weights_with_one_line_and_no_logging_traceback(tmp_path, capsys) -> None:
+    weights = saved_sae(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps({"model_name": "tiny", "output_dir": str(tmp_path)}))
+    state = load_file(weights)
+    state["b_enc"][:] = float("nan")
+    save_file(state, weights)
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tensor b_enc" in err and "16 NaN/inf" in err
+    assert "Traceback" not in err and "Logging error" not in err
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_on_resume(tmp_path) -> None:
+    from test_crash_resume import tiny_config, tiny_model, tiny_splits
+
+    from mlsae_lens.training import MultiLayerSAETrainingRunner
+
+    runner = MultiLayerSAETrainingRunner(tiny_config(tmp_path), model=tiny_model(), splits=tiny_splits())
+    runner.checkpoint()
+    (path,) = list_checkpoints(tmp_path)
+    (tmp_path / "run.json").write_text(json.dumps(runner.cfg.to_dict()))
+    state = load_file(path / "sae_weights.safetensors")
+    state["W_enc"][0, 0] = float("nan")
+    save_file(state, path / "sae_weights.safetensors")
+    resumed = MultiLayerSAETrainingRunner(tiny_config(tmp_path, resume=True), model=tiny_model(), splits=tiny_splits())
+    with pytest.raises(MLSAEError, match="tensor W_enc in .*tokens_000000000000/sae_weights.safetensors holds 1 NaN/inf"):
+        resumed.run()
+
+
+def test_analyze_on_an_interrupted_run_says_unfinished_and_gives_the_resume_command(tmp_path, capsys) -> None:
+    write_checkpoint(tmp_path, "tokens_000000000060", tiny_sae(), {"x": torch.zeros(1)}, {})
+    (tmp_path / "run.json").write_text(json.dumps({"model_name": "tiny"}))
+    assert main(["analyze", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"holds an unfinished training run (last checkpoint tokens_000000000060" in err
+    assert f"`mlsae-lens train --output-dir {tmp_path} --resume`" in err and err.count("\n") == 1
+
+
+def test_eval_on_a_run_that_failed_before_its_first_checkpoint_says_so(tmp_path, capsys) -> None:
+    (tmp_path / "run.json").write_text(json.dumps({"model_name": "tiny"}))
+    assert main(["eval", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "stopped before its first checkpoint: nothing was trained" in err
+    assert f"`mlsae-lens train --output-dir {tmp_path}`" in err and err.count("\n") == 1
+
+
+def test_a_run_json_that_is_not_json_is_one_line_for_every_command(tmp_path, capsys) -> None:
+    saved_sae(tmp_path)
+    (tmp_path / "run.json").write_text("{oops")
+    for command in ("eval", "analyze"):
+        assert main([command, str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "run.json is not valid JSON" in err, err
+
+
+def test_sae_and_checkpoint_files_get_the_umask_mode_like_every_other_file(tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        atomic_save_sae(tiny_sae(), tmp_path)
+        write_checkpoint(tmp_path, "tokens_000000000001", tiny_sae(), {"x": torch.zeros(1)}, {})
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert "checkpoints/tokens_000000000001/trainer_state.safetensors" in modes
+    assert set(modes.values()) == {0o644}, modes

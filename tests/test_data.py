@@ -7,6 +7,7 @@ downloaded. The package itself is never imported, only located.
 import importlib.util
 import json
 import math
+import os
 import socket
 from pathlib import Path
 
@@ -317,6 +318,16 @@ def test_empty_corpus_file(tokenizer, tmp_path, name, content):
 def test_empty_corpus_directory(tokenizer, tmp_path):
     (tmp_path / "d").mkdir()
     _raises("holds no .txt", str(tmp_path / "d"), tokenizer)
+
+
+def test_a_fifo_as_corpus_is_named_as_such_not_as_a_directory(tokenizer, tmp_path):
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)  # opening it to read would block forever: it must be refused unopened
+    error = _raises("is not a regular file or a directory \\(a FIFO", str(fifo), tokenizer)
+    assert "Corpus directory" not in str(error)
+    fifo_dir = tmp_path / "pipe"
+    os.mkfifo(fifo_dir)  # no corpus suffix either
+    _raises("pipe is not a regular file or a directory", str(fifo_dir), tokenizer)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """Per-layer reconstruction and downstream metrics, and the baselines, on a tiny random model."""
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -247,3 +248,58 @@ def test_downstream_reads_only_the_contexts_its_budget_needs(tiny_model, tiny_sp
                            n_tokens=100, downstream_tokens=20, with_pca=False, batch_size=8)
     assert raw["reconstruction"].n_tokens == 100
     assert raw["downstream"].n == 2 * 13  # two contexts, 13 predicted positions each
+
+
+def test_a_second_eval_with_fewer_options_keeps_what_the_first_computed(run_dir, tiny_model, tiny_splits, caplog) -> None:
+    full = evaluate_run(run_dir, EvalOptions(tokens=60, downstream_tokens=30, baselines=("pca",), batch_size=2),
+                        model=tiny_model, splits=tiny_splits, report=False)
+    with caplog.at_level(logging.INFO, logger="mlsae_lens"):
+        evaluate_run(run_dir, EvalOptions(tokens=40, downstream_tokens=0, batch_size=2),
+                     model=tiny_model, splits=tiny_splits)
+    saved = json.loads((run_dir / "eval.json").read_text())
+    # PCA and the downstream section survive, marked with the options they were computed with
+    assert saved["methods"]["pca"]["per_layer"] == full["methods"]["pca"]["per_layer"]
+    assert saved["methods"]["pca"]["evaluated_with"]["tokens"] == 60
+    assert saved["downstream"]["n_predicted_positions"] == full["downstream"]["n_predicted_positions"]
+    assert saved["kept_from_previous_eval"] == ["downstream", "method pca"]
+    mlsae = saved["methods"]["mlsae"]
+    assert saved["n_tokens"] == 40 and mlsae["per_layer"]["fvu"] != full["methods"]["mlsae"]["per_layer"]["fvu"]
+    assert mlsae["per_layer"]["delta_ce"] == full["methods"]["mlsae"]["per_layer"]["delta_ce"]
+    assert "pca_mean_fvu" in saved  # the legacy top-level summary is always recomputed
+    assert "kept pca from the previous evaluation" in caplog.text and "kept the downstream section" in caplog.text
+    assert "PCA rank" in (run_dir / "report.html").read_text()  # the report still shows it
+    # recomputing PCA replaces it and it is no longer marked as kept
+    again = evaluate_run(run_dir, EvalOptions(tokens=40, downstream_tokens=0, baselines=("pca",), batch_size=2),
+                         model=tiny_model, splits=tiny_splits, report=False)
+    assert "evaluated_with" not in again["methods"]["pca"] and again["kept_from_previous_eval"] == ["downstream"]
+
+
+def test_an_eval_of_other_layers_keeps_the_previous_file_beside_it(run_dir, tiny_model, tiny_splits) -> None:
+    evaluate_run(run_dir, EvalOptions(tokens=40, downstream_tokens=0, baselines=("pca",), batch_size=2),
+                 model=tiny_model, splits=tiny_splits, report=False)
+    before = (run_dir / "eval.json").read_text()
+    evaluate_run(run_dir, EvalOptions(tokens=40, downstream_tokens=0, layers="1", batch_size=2),
+                 model=tiny_model, splits=tiny_splits, report=False)
+    (backup,) = run_dir.glob("eval.previous-*.json")
+    assert backup.read_text() == before
+    assert json.loads((run_dir / "eval.json").read_text())["layers"] == [1]
+
+
+def test_a_saved_per_layer_baseline_with_nan_weights_is_named_and_retrained_on_request(
+    run_dir, tiny_model, tiny_splits
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    options = EvalOptions(tokens=30, downstream_tokens=0, baselines=("saelens-per-layer",), layers="1",
+                          batch_size=2, baseline_training_tokens=60)
+    evaluate_run(run_dir, options, model=tiny_model, splits=tiny_splits, report=False)
+    weights = run_dir / "baselines" / "saelens-per-layer" / "layer_1" / "sae_weights.safetensors"
+    state = load_file(weights)
+    state["W_enc"][0, :3] = float("nan")
+    save_file(state, weights)
+    with pytest.raises(MLSAEError, match="tensor W_enc in .*layer_1/sae_weights.safetensors holds 3 NaN/inf .*"
+                                         "--retrain-baselines"):
+        evaluate_run(run_dir, options, model=tiny_model, splits=tiny_splits, report=False)
+    options.retrain_baselines = True
+    data = evaluate_run(run_dir, options, model=tiny_model, splits=tiny_splits, report=False)
+    assert data["methods"]["saelens-per-layer"]["mean"]["fvu"] is not None

@@ -110,6 +110,20 @@ def test_a_checkpoint_missing_tensors_is_refused(tmp_path) -> None:
         from_pretrained("mlsae-pythia-70m-deduped", "x64-k32", local_dir=tmp_path)
 
 
+@pytest.mark.parametrize("poison", ["nan", "int"])
+def test_a_checkpoint_with_non_finite_or_integer_weights_is_refused_naming_the_tensor(tmp_path, poison) -> None:
+    tensors = write_reference_checkpoint(tmp_path)
+    if poison == "nan":
+        tensors["decoder.weight"][0, 0] = float("nan")
+        match = "tensor decoder.weight in .*model.safetensors holds 1 NaN/inf values; .*re-download"
+    else:
+        tensors["decoder.weight"] = tensors["decoder.weight"].to(torch.int64)
+        match = "tensor decoder.weight in .*model.safetensors has dtype int64, not floating point"
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(MLSAEError, match=match):
+        from_pretrained("mlsae-pythia-70m-deduped", "x64-k32", local_dir=tmp_path)
+
+
 def test_a_missing_local_dir_file_is_named(tmp_path) -> None:
     with pytest.raises(MLSAEError, match="config.json is missing"):
         from_pretrained("mlsae-pythia-70m-deduped", "x64-k32", local_dir=tmp_path)
@@ -220,6 +234,17 @@ def test_plain_lens_checkpoint_with_a_separately_supplied_lens_gives_the_referen
     sae = load("mlsae-pythia-70m-deduped", "x64-k32-lens", local_dir=str(tmp_path / "sae"), lens=lens)
     check_matches_reference_lens_math(sae, tensors, weight, bias)
     assert sae.cfg.metadata.tuned_lens_source == str(lens)
+
+
+def test_a_supplied_lens_with_nan_is_refused_naming_the_tensor(tmp_path) -> None:
+    weight, bias = lens_translators()
+    bias[2, 5] = float("inf")
+    write_reference_checkpoint(tmp_path / "sae")
+    state = {f"{i}.{name}": t[i].clone() for i in range(N_LAYERS) for name, t in (("weight", weight), ("bias", bias))}
+    save_file(state, tmp_path / "lens.safetensors")
+    with pytest.raises(MLSAEError, match="tensor lens_bias in the state dict holds 1 NaN/inf values"):
+        from_pretrained("mlsae-pythia-70m-deduped", "x64-k32-lens", local_dir=str(tmp_path / "sae"),
+                        lens=tmp_path / "lens.safetensors")
 
 
 def test_a_plain_lens_checkpoint_without_its_lens_offline_names_the_fix(tmp_path, monkeypatch) -> None:

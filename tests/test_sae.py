@@ -293,3 +293,23 @@ def test_legacy_cfg_json_loads_as_legacy_and_reproduces_the_old_numbers(tmp_path
 def test_unknown_standardize_convention_is_refused() -> None:
     with pytest.raises(MLSAEError, match="standardize_convention 'std'"):
         MultiLayerSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, n_layers=N_LAYERS, standardize_convention="std")
+@pytest.mark.parametrize("poison", ["nan", "shape"])
+def test_sae_lens_own_loading_refuses_bad_weights_too(tmp_path: Path, poison: str) -> None:
+    """``SAE.load_from_disk`` (not only mlsae-lens' load_sae) goes through the loading hook. (Its
+    disk loader casts every tensor to the config's dtype first, so an integer tensor is only
+    caught by load_sae, which reads the file's header.)"""
+    from safetensors.torch import load_file, save_file
+    from sae_lens import SAE
+
+    make_training_sae().save_inference_model(tmp_path)
+    weights = tmp_path / "sae_weights.safetensors"
+    state = load_file(weights)
+    if poison == "nan":
+        state["b_enc"][0] = float("inf")
+        match = "tensor b_enc in the state dict holds 1 NaN/inf values"
+    else:
+        state["W_dec"] = state["W_dec"][:, :-1].contiguous()
+        match = r"tensor W_dec in the state dict has shape \[\d+, \d+\], but this MLSAE's config"
+    save_file(state, weights)
+    with pytest.raises(MLSAEError, match=match):
+        SAE.load_from_disk(tmp_path)

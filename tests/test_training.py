@@ -113,10 +113,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_mo
         return original(batch)
 
     runner.step = poisoned  # type: ignore[method-assign]
-    with pytest.raises(MLSAEError, match=r"NaN/inf at step 5; the last good checkpoint is .*tokens_000000000060"):
+    with pytest.raises(MLSAEError, match=r"NaN/inf at step 5; the last good checkpoint is .*tokens_000000000060") as info:
         runner.run()
+    assert f"`mlsae-lens train --output-dir {tmp_path} --overwrite --lr 0.0001`" in str(info.value)
     assert not (tmp_path / "cfg.json").exists()
     assert (tmp_path / "checkpoints" / "tokens_000000000060" / "trainer_state.safetensors").exists()
+    train(tiny_config(tmp_path, overwrite=True, lr=1e-4), tiny_model, tiny_splits)  # the advised command
+    assert (tmp_path / "cfg.json").exists()
 
 
 def test_nan_activations_are_refused(tmp_path, tiny_model, tiny_splits) -> None:
@@ -132,9 +135,9 @@ def test_nan_activations_are_refused(tmp_path, tiny_model, tiny_splits) -> None:
 def test_an_output_dir_holding_another_run_is_refused(tmp_path, tiny_model, tiny_splits) -> None:
     train(tiny_config(tmp_path, training_tokens=30), tiny_model, tiny_splits)
     before = (tmp_path / "sae_weights.safetensors").read_bytes()
-    with pytest.raises(MLSAEError, match="already holds a run; pass --resume"):
+    with pytest.raises(MLSAEError, match="already holds a finished run; .* --overwrite"):
         MultiLayerSAETrainingRunner(tiny_config(tmp_path, k=3), model=tiny_model, splits=tiny_splits)
-    with pytest.raises(MLSAEError, match="holds a different run .*k"):
+    with pytest.raises(MLSAEError, match="holds a finished run .*nothing to resume"):
         MultiLayerSAETrainingRunner(tiny_config(tmp_path, k=3, resume=True), model=tiny_model, splits=tiny_splits)
     assert (tmp_path / "sae_weights.safetensors").read_bytes() == before
     assert json.loads((tmp_path / "run.json").read_text())["k"] == 4
@@ -143,8 +146,11 @@ def test_an_output_dir_holding_another_run_is_refused(tmp_path, tiny_model, tiny
 def test_an_unwritable_output_dir_is_named(tmp_path, tiny_model, tiny_splits) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(MLSAEError, match="not writable"):
+    with pytest.raises(MLSAEError, match="cannot be created: .*file is a file"):
         MultiLayerSAETrainingRunner(tiny_config(blocker / "run"), model=tiny_model, splits=tiny_splits)
+    if Path("/sys").is_dir():  # sysfs refuses new entries even to root (EPERM)
+        with pytest.raises(MLSAEError, match="output directory /sys/mlsae-lens-run is not writable"):
+            MultiLayerSAETrainingRunner(tiny_config(Path("/sys/mlsae-lens-run")), model=tiny_model, splits=tiny_splits)
 
 
 @pytest.mark.parametrize(
