@@ -1,0 +1,127 @@
+"""Flag types and checks of the ``mlsae-lens`` command line, all run before anything loads.
+
+argparse ``type=`` functions refuse out-of-range values with the flag's name (argparse adds
+it) and the accepted range; :class:`ArgumentParser` prints argparse's own errors as one line,
+like every other error of the command. Nothing here imports torch at import time.
+"""
+
+import argparse
+import json
+import math
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+from mlsae_lens.config import EMBEDDED_MODEL, MultiLayerRunnerConfig, check_device
+from mlsae_lens.errors import MLSAEError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors, like every other error of the command."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def output_flags(dest: str) -> tuple[str, str]:
+    """``--output`` and ``--output-dir`` are accepted everywhere, the usual spelling first."""
+    return ("--output-dir", "--output") if dest == "output_dir" else ("--output", "--output-dir")
+
+
+def int_with_underscores(text: str) -> int:
+    """Accept ``10_000_000`` and ``1e6`` as well as ``1000``."""
+    try:
+        return int(text.replace("_", ""))
+    except ValueError:
+        value = float(text)
+        if not value.is_integer():
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        return int(value)
+
+
+def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer (``10_000``, ``1e6``) in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        value = int_with_underscores(text)
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else ("positive" if low == 1 else f"at least {low}")
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+positive_int = bounded_int(1)
+nonnegative_int = bounded_int(0)
+port_number = bounded_int(1, 65535)
+
+
+def bounded_float(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float in the interval (NaN and inf never pass)."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        inside = (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+        if not math.isfinite(value) or not inside:
+            raise argparse.ArgumentTypeError(f"must be in {left}{low}, {high}{right}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def layer_list(text: str) -> str:
+    """``all`` or distinct non-negative layer indices like ``0,5,10`` (checked against the
+    model's layer count once it is known)."""
+    if text.strip().lower() == "all":
+        return "all"
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"must be 'all' or distinct layer indices >= 0 like 0,5,10; got {text!r}")
+    values = [int(part) for part in parts]
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"names a layer twice ({text!r}); list each layer once")
+    return ",".join(map(str, values))
+
+
+def device_flag(text: str) -> str:
+    """``--device`` of the subcommands without a run config: refused by torch's own parsing
+    (``tpu``, ``cuda:x``) or when CUDA is asked for and absent."""
+    try:
+        check_device(text)
+    except MLSAEError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--device {text!r} ").removeprefix(
+            f"--device {text} ")) from None
+    return text
+
+
+def html_file(text: str) -> str:
+    """An output file, not a directory (writing onto a directory fails only at the end)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a file like report.html")
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; name a file in it, e.g. {Path(text) / 'page.html'}")
+    return text
+
+
+def check_k_below_d_sae(cfg: MultiLayerRunnerConfig) -> None:
+    """``k < d_sae`` before the model loads, where the model's width is known without
+    loading it (the embedded model's cached config); otherwise the SAE config checks it."""
+    if cfg.model_name.lower() not in ("smollm2-135m-instruct", "smollm2", "embedded", EMBEDDED_MODEL.lower()):
+        return
+    try:
+        from mlsae_lens.models import CONFIG_FILE, embedded_cache_dir
+
+        d_model = int(json.loads((embedded_cache_dir() / CONFIG_FILE).read_text())["d_model"])
+    except Exception:  # noqa: BLE001 - no cache yet, or not installed: the load itself says so
+        return
+    d_sae = cfg.expansion_factor * d_model
+    if cfg.k >= d_sae:
+        raise MLSAEError(f"--k {cfg.k} must be below the SAE's {d_sae} latents (--expansion-factor "
+                         f"{cfg.expansion_factor} x d_model {d_model}); lower --k or raise --expansion-factor")
