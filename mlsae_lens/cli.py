@@ -355,11 +355,7 @@ def cmd_explore(args: argparse.Namespace) -> None:
     path = explore_run(Path(args.run_dir), args.output, args.max_latents, args.contexts_per_layer)
     print(f"explorer: {path}")
     if args.serve:
-        try:
-            serve(path, args.port)
-        except OSError as exc:  # port taken, or below 1024 without the right to bind it
-            raise MLSAEError(f"cannot serve on port {args.port} ({exc.strerror or exc}); the page is written "
-                             f"at {path}; choose another --port") from None
+        serve(path, args.port)
 
 
 def add_analyze_parser(sub: Any) -> None:

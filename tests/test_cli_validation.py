@@ -17,6 +17,7 @@ from mlsae_lens.cli import build_parser, main
 from mlsae_lens.config import NORMALIZATION_MODES, MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.flags import check_k_below_d_sae
+from test_analyze import analyze, tiny_model, tiny_splits, trained_run  # noqa: F401 (fixtures)
 
 
 def positional_args(path: tuple[str, ...], tmp: Path) -> list[str]:
@@ -239,3 +240,22 @@ def test_config_refuses_bad_values_from_python_too() -> None:
         MultiLayerRunnerConfig(adam_beta1=float("nan"))
     with pytest.raises(MLSAEError, match="--seed must be between 0 and"):
         MultiLayerRunnerConfig(seed=-1)
+
+
+def test_a_port_in_use_is_one_line_and_keeps_the_page(trained_run, tiny_model, tiny_splits, tmp_path, capsys) -> None:  # noqa: F811
+    """A real analysed run (the analysis tests' tiny one) and a real socket holding the port."""
+    import shutil
+    import socket
+
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    analyze(run, tiny_model, tiny_splits, tokens=100, top_n=4)
+    capsys.readouterr()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = run_cli(["explore", str(run), "--serve", "--port", str(port)], capsys)
+    assert code == 2
+    assert err.startswith(f"mlsae-lens: error: cannot serve on 127.0.0.1:{port} (") and len(err.splitlines()) == 1
+    assert err.endswith("pass another --port")
+    assert (run / "explore.html").stat().st_size > 0
