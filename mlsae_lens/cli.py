@@ -29,11 +29,13 @@ from mlsae_lens.flags import (
     ArgumentParser,
     bounded_float,
     bounded_int,
-    check_k_below_d_sae,
+    check_model_sizes,
     device_flag,
     html_file,
     int_with_underscores,
     layer_list,
+    nonempty_path,
+    nonempty_text,
     nonnegative_int,
     output_flags,
     port_number,
@@ -100,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> MultiLayerRunnerConfig:
 
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
-    check_k_below_d_sae(cfg)
+    check_model_sizes(cfg)
     from mlsae_lens.training import MultiLayerSAETrainingRunner
 
     runner = MultiLayerSAETrainingRunner(cfg)
@@ -110,6 +112,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_cache(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
+    check_model_sizes(cfg)
     from mlsae_lens.activation_cache import write_activation_cache
 
     path = write_activation_cache(cfg, Path(args.output), contexts_per_shard=args.contexts_per_shard)
@@ -124,7 +127,7 @@ def add_cache_parser(sub: Any) -> None:
         "corpus settings). `train --activation-cache DIR` with the same model and corpus flags reads "
         "them instead of running the model.")
     add_config_flags(cache, only=CACHE_FIELDS)
-    cache.add_argument(*output_flags("output"), dest="output", required=True, metavar="DIR",
+    cache.add_argument(*output_flags("output"), dest="output", required=True, metavar="DIR", type=nonempty_path,
                        help="the cache directory to write")
     cache.add_argument("--contexts-per-shard", type=positive_int, default=256,
                        help="contexts per safetensors shard (default: %(default)s)")
@@ -135,7 +138,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if args.output_dir is None:
         args.output_dir = f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = config_from_args(args)
-    check_k_below_d_sae(cfg)
+    check_model_sizes(cfg)
     from mlsae_lens.pipeline import run_demo
 
     report = run_demo(cfg, eval_tokens=args.eval_tokens)
@@ -266,7 +269,7 @@ def add_train_lens_parser(sub: Any) -> None:
         "logit lens) into --output.")
     tl.add_argument("model", nargs="?", default=run.model_name, metavar="MODEL",
                     help="model name, as for train (default: %(default)s)")
-    tl.add_argument(*output_flags("output"), dest="output", default=None, metavar="DIR",
+    tl.add_argument(*output_flags("output"), dest="output", default=None, metavar="DIR", type=nonempty_path,
                     help="lens directory; --output-dir is the same flag (default: runs/lens-MODEL)")
     tl.add_argument("--overwrite", action="store_true", help="replace a lens already in --output")
     lens_flags = {
@@ -332,7 +335,7 @@ def add_pretrained_parser(sub: Any) -> None:
         "tuned-lens' own convention).")
     convert.add_argument("release", metavar="RELEASE", help="a release of `mlsae-lens pretrained list`")
     convert.add_argument("sae_id", metavar="SAE_ID", help="one of the release's SAE ids, e.g. x64-k32")
-    convert.add_argument(*output_flags("output"), dest="output", required=True, metavar="DIR",
+    convert.add_argument(*output_flags("output"), dest="output", required=True, metavar="DIR", type=nonempty_path,
                          help="the run directory to write (--output-dir is the same flag)")
     convert.add_argument("--local-dir", default=None, metavar="PATH",
                          help="already-downloaded config.json + model.safetensors (default: the hub)")
@@ -372,7 +375,7 @@ def add_analyze_parser(sub: Any) -> None:
     analyze.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output-dir")
     analyze.add_argument("--tokens", type=positive_int, default=defaults.tokens,
                          help="valid test tokens to analyse, capped at the test split (default: %(default)s)")
-    analyze.add_argument("--prompt", default=DEFAULT_PROMPT,
+    analyze.add_argument("--prompt", default=DEFAULT_PROMPT, type=nonempty_text,
                          help="prompt of the single-prompt heatmap (default: %(default)r)")
     analyze.add_argument("--batch-size", type=positive_int, default=None,
                          help="contexts per model forward pass: memory and speed only (default: sized "

@@ -180,6 +180,16 @@ class MultiLayerRunnerConfig:
             # The data order seeds generators with seed * 1_000_003 + chunk, which must fit 64 bits.
             (0 <= self.seed < 2**32, f"--seed must be between 0 and {2**32 - 1}, got {self.seed}"),
             (bool(str(self.output_dir).strip()), "--output-dir must name a directory, got ''"),
+            (bool(self.model_name.strip()), "--model-name is empty; name a model, e.g. SmolLM2-135M-Instruct"),
+            (bool(self.dataset.strip()), "--dataset is empty; pass 'embedded', a file or directory, or a dataset name"),
+            (
+                self.text_column is None or bool(self.text_column.strip()),
+                "--text-column is empty; name a column or omit the flag",
+            ),
+            (
+                self.activation_cache is None or bool(self.activation_cache.strip()),
+                "--activation-cache is empty; name a directory written by `mlsae-lens cache` or omit the flag",
+            ),
             (
                 self.normalization in NORMALIZATION_MODES,
                 f"--normalization must be one of {NORMALIZATION_MODES}, got {self.normalization!r}",

@@ -110,18 +110,36 @@ def html_file(text: str) -> str:
     return text
 
 
-def check_k_below_d_sae(cfg: MultiLayerRunnerConfig) -> None:
-    """``k < d_sae`` before the model loads, where the model's width is known without
-    loading it (the embedded model's cached config); otherwise the SAE config checks it."""
+def nonempty_path(text: str) -> str:
+    """An output path: '' would silently mean the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; name a directory")
+    return text
+
+
+def nonempty_text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; pass some text")
+    return text
+
+
+def check_model_sizes(cfg: MultiLayerRunnerConfig) -> None:
+    """``k < d_sae`` and ``context_size <= n_ctx`` before the model loads, where the model's
+    sizes are known without loading it (the embedded model's cached config); otherwise the SAE
+    config checks ``k`` after the load."""
     if cfg.model_name.lower() not in ("smollm2-135m-instruct", "smollm2", "embedded", EMBEDDED_MODEL.lower()):
         return
     try:
         from mlsae_lens.models import CONFIG_FILE, embedded_cache_dir
 
-        d_model = int(json.loads((embedded_cache_dir() / CONFIG_FILE).read_text())["d_model"])
+        model_cfg = json.loads((embedded_cache_dir() / CONFIG_FILE).read_text())
+        d_model, n_ctx = int(model_cfg["d_model"]), int(model_cfg["n_ctx"])
     except Exception:  # noqa: BLE001 - no cache yet, or not installed: the load itself says so
         return
     d_sae = cfg.expansion_factor * d_model
     if cfg.k >= d_sae:
         raise MLSAEError(f"--k {cfg.k} must be below the SAE's {d_sae} latents (--expansion-factor "
                          f"{cfg.expansion_factor} x d_model {d_model}); lower --k or raise --expansion-factor")
+    if cfg.context_size > n_ctx:
+        raise MLSAEError(f"--context-size {cfg.context_size} is longer than the model's {n_ctx} positions; "
+                         f"use at most {n_ctx}")

@@ -16,7 +16,7 @@ from mlsae_lens import models
 from mlsae_lens.cli import build_parser, main
 from mlsae_lens.config import NORMALIZATION_MODES, MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
-from mlsae_lens.flags import check_k_below_d_sae
+from mlsae_lens.flags import check_model_sizes
 from test_analyze import analyze, tiny_model, tiny_splits, trained_run  # noqa: F401 (fixtures)
 
 
@@ -131,13 +131,19 @@ def test_every_numeric_flag_refuses_out_of_range_values_before_anything_loads(
         (["compare", "A", "B", "--output", "."], "argument --output/--output-dir: . is a directory"),
         (["train-lens", "--momentum", "1"], "argument --momentum: must be in [0, 1)"),
         (["train-lens", "--lr-scale", "nan"], "argument --lr-scale: must be in"),
+        (["train", "--dataset", " "], "--dataset is empty"),
+        (["train", "--model-name", ""], "--model-name is empty"),
+        (["train", "--activation-cache", ""], "--activation-cache is empty"),
+        (["cache", "--output", ""], "argument --output/--output-dir: is empty; name a directory"),
+        (["pretrained", "convert", "R", "ID", "--output", ""], "argument --output/--output-dir: is empty"),
+        (["analyze", "RUN", "--prompt", ""], "argument --prompt: is empty"),
     ],
 )
 def test_bad_flags_give_one_line_naming_the_flag_and_write_nothing(
     args, message, tmp_path, capsys, monkeypatch, nothing_loads  # noqa: ARG001
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    extra = [] if args[0] in ("eval", "analyze", "explore", "compare", "cache") else ["--output-dir", "OUT"]
+    extra = [] if args[0] in ("eval", "analyze", "explore", "compare", "cache", "pretrained") else ["--output-dir", "OUT"]
     code, err = run_cli([*args, *extra], capsys)
     assert code == 2
     assert message in err and len(err.splitlines()) == 1, err
@@ -154,22 +160,26 @@ def test_cuda_without_cuda_is_one_line(tmp_path, capsys, monkeypatch, nothing_lo
     assert not (tmp_path / "run").exists()
 
 
-def test_k_not_below_d_sae_is_refused_from_the_cached_model_config_before_loading(
+def test_k_and_context_size_are_checked_from_the_cached_model_config_before_loading(
     tmp_path, monkeypatch, capsys, nothing_loads  # noqa: ARG001
 ) -> None:
     """The embedded model's width comes from its cached config (a JSON file), not a load."""
     monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path / "cache"))
     cache = models.embedded_cache_dir()
     cache.mkdir(parents=True)
-    (cache / models.CONFIG_FILE).write_text(json.dumps({"d_model": 576, "n_layers": 30}))
+    (cache / models.CONFIG_FILE).write_text(json.dumps({"d_model": 576, "n_layers": 30, "n_ctx": 8192}))
     code, err = run_cli(["train", "--k", "576", "--expansion-factor", "1", "--output-dir", str(tmp_path / "run")],
                         capsys)
     assert code == 2
     assert err == ("mlsae-lens: error: --k 576 must be below the SAE's 576 latents (--expansion-factor 1 x "
                    "d_model 576); lower --k or raise --expansion-factor")
     assert not (tmp_path / "run").exists()
+    code, err = run_cli(["train", "--context-size", "9000", "--output-dir", str(tmp_path / "run")], capsys)
+    assert (code, err) == (2, "mlsae-lens: error: --context-size 9000 is longer than the model's 8192 positions; "
+                              "use at most 8192")
+    assert not (tmp_path / "run").exists()
     # Without a cached config (or for a hub model) the SAE config checks it after the load.
-    check_k_below_d_sae(MultiLayerRunnerConfig(model_name="pythia-70m", k=10_000, expansion_factor=1))
+    check_model_sizes(MultiLayerRunnerConfig(model_name="pythia-70m", k=10_000, expansion_factor=1))
 
 
 def test_output_and_output_dir_are_the_same_flag_everywhere() -> None:
