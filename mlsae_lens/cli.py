@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from mlsae_lens.config import MultiLayerRunnerConfig
+from mlsae_lens.config import MultiLayerRunnerConfig, check_device
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.flags import (
     ArgumentParser,
@@ -96,8 +96,11 @@ def add_config_flags(parser: argparse.ArgumentParser, overrides: dict[str, Any] 
 
 
 def config_from_args(args: argparse.Namespace) -> MultiLayerRunnerConfig:
+    """The run config of train/demo/cache, every field checked (the device also for being there)."""
     names = {f.name for f in dataclasses.fields(MultiLayerRunnerConfig)}
-    return MultiLayerRunnerConfig(**{k: v for k, v in vars(args).items() if k in names})
+    cfg = MultiLayerRunnerConfig(**{k: v for k, v in vars(args).items() if k in names})
+    check_device(cfg.device)
+    return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> None:

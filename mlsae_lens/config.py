@@ -210,7 +210,9 @@ class MultiLayerRunnerConfig:
         for ok, message in checks:
             if not ok:
                 raise MLSAEError(message)
-        check_device(self.device)
+        # Availability is checked where the run starts (the CLI, resolve_device): a run.json written
+        # on a GPU machine must still load on a CPU-only one for analyze and eval.
+        check_device(self.device, require_available=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -252,9 +254,9 @@ def finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def check_device(device: str) -> None:
-    """Refuse a device string torch cannot parse (``tpu``, ``cuda:x``) or CUDA where there is
-    none, before anything loads. ``auto`` picks CUDA when available."""
+def check_device(device: str, require_available: bool = True) -> None:
+    """Refuse a device string torch cannot parse (``tpu``, ``cuda:x``) or (``require_available``)
+    CUDA where there is none, before anything loads. ``auto`` picks CUDA when available."""
     if device == "auto":
         return
     import torch  # here, not at the top: `mlsae-lens --help` reads this module
@@ -263,16 +265,18 @@ def check_device(device: str) -> None:
         parsed = torch.device(device)
     except (RuntimeError, ValueError, TypeError):
         raise MLSAEError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise MLSAEError(f"--device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
+    if not require_available:
+        return
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise MLSAEError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise MLSAEError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
-                             f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            n = torch.cuda.device_count()
+            raise MLSAEError(f"--device {device}: this machine has {n} CUDA device(s); use cuda:0 to cuda:{n - 1}")
     elif parsed.type == "mps" and not torch.backends.mps.is_available():
         raise MLSAEError(f"--device {device} was asked for but MPS is not available; use --device cpu")
-    elif parsed.type not in ("cpu", "mps"):
-        raise MLSAEError(f"--device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
 
 
 # Fields that may differ when resuming a run: they do not change what was trained so far.

@@ -269,3 +269,14 @@ def test_a_port_in_use_is_one_line_and_keeps_the_page(trained_run, tiny_model, t
     assert err.startswith(f"mlsae-lens: error: cannot serve on 127.0.0.1:{port} (") and len(err.splitlines()) == 1
     assert err.endswith("pass another --port")
     assert (run / "explore.html").stat().st_size > 0
+
+
+def test_a_run_config_naming_cuda_still_loads_where_there_is_no_cuda(monkeypatch) -> None:
+    """analyze and eval read run.json of runs trained on a GPU; only a device torch cannot parse
+    is refused there."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert MultiLayerRunnerConfig.from_dict({"device": "cuda:1"}).device == "cuda:1"
+    with pytest.raises(MLSAEError, match="is not a device"):
+        MultiLayerRunnerConfig.from_dict({"device": "tpu"})
