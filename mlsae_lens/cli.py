@@ -58,7 +58,7 @@ COMMAND_HELP = {
     "compare": "Eq. 11/12 bars and norm profiles of several analysed runs",
     "explore": "browse each latent's top contexts per layer in one offline HTML page",
     "eval": "per-layer reconstruction and downstream-loss metrics, against baselines",
-    "cache": "harvest every layer's activations of the training split once, for many SAEs",
+    "cache": "harvest every layer's activations once for a token budget, for many SAEs",
     "train-lens": "train a tuned lens (tuned-lens' TunedLens and KL objective) for --tuned-lens",
     "pretrained": "list the published MLSAEs, or convert one into a run directory",
 }
@@ -125,10 +125,13 @@ def cmd_cache(args: argparse.Namespace) -> None:
 def add_cache_parser(sub: Any) -> None:
     cache = sub.add_parser(
         "cache", help=COMMAND_HELP["cache"],
-        description="Run the model once over the training split and write its raw hook_resid_post "
-        "activations (valid tokens) as sharded safetensors with a manifest.json (checksums, model and "
-        "corpus settings). `train --activation-cache DIR` with the same model and corpus flags reads "
-        "them instead of running the model.")
+        description="Run the model once over the training contexts a run of --training-tokens reads (in "
+        "the order it reads them, with the same --contexts-per-chunk, --batch-size-tokens and --seed) and "
+        "write their raw hook_resid_post activations (valid tokens) as sharded safetensors with a "
+        "manifest.json (checksums, model and corpus settings). The size (n_layers x d_model x 4 bytes per "
+        "token) is logged first and a disk without that room is refused. `train --activation-cache DIR` "
+        "with the same model and corpus flags and at most that many tokens reads them instead of running "
+        "the model.")
     add_config_flags(cache, only=CACHE_FIELDS)
     cache.add_argument(*output_flags("output"), dest="output", required=True, metavar="DIR", type=nonempty_path,
                        help="the cache directory to write")

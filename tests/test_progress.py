@@ -54,17 +54,19 @@ def test_training_outside_a_terminal_logs_plain_lines_without_escape_codes(tmp_p
     assert runner.state.tokens > total  # the run did pass the total; the display did not
 
 
+@pytest.mark.parametrize("signal_at", [1, 5])
 def test_a_signal_during_a_harvest_stops_before_the_next_model_forward_and_resumes_bitwise(
-    tmp_path, monkeypatch
+    signal_at, tmp_path, monkeypatch
 ) -> None:
     """contexts_per_chunk=4 and model_batch_size=2: two forwards per chunk. The signal arrives
-    during the first forward of the third chunk; the second one never runs."""
+    during the first forward of the first chunk (before any step) or of the third; the second
+    forward never runs."""
     forwards = []
     harvest = activations.harvest_resid_post
 
     def counting(model, tokens):
         forwards.append(len(forwards))
-        if len(forwards) == 5:
+        if len(forwards) == signal_at:
             os.kill(os.getpid(), signal.SIGINT)  # handled by the runner: sets the stop flag
         return harvest(model, tokens)
 
@@ -73,7 +75,7 @@ def test_a_signal_during_a_harvest_stops_before_the_next_model_forward_and_resum
     runner = MultiLayerSAETrainingRunner(tiny_config(out), model=tiny_model(), splits=tiny_splits())
     with pytest.raises(MLSAEError, match=r"interrupted by signal 2 at \d+ tokens; checkpoint saved to .*--resume"):
         runner.run()
-    assert len(forwards) == 5
+    assert len(forwards) == signal_at
     assert list_checkpoints(out)
     monkeypatch.setattr(activations, "harvest_resid_post", harvest)
 
