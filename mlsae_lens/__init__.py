@@ -51,24 +51,36 @@ def _import_registering_modules() -> None:
 
 
 class _RegisterAfterSAELens(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: on the first ``import sae_lens`` it wraps SAELens' loader so
-    that our architectures are registered right after SAELens has loaded."""
+    """Finds nothing itself: on the first ``import sae_lens`` it hands back SAELens' own spec
+    with a loader that registers our architectures once SAELens has loaded."""
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:  # noqa: ARG002
         if fullname != "sae_lens":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec("sae_lens")
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_register(module: Any) -> None:
-            exec_module(module)
-            _import_registering_modules()
-
-        spec.loader.exec_module = exec_then_register  # type: ignore[method-assign]
+        if spec is not None and isinstance(spec.loader, importlib.abc.Loader) and hasattr(spec.loader, "exec_module"):
+            spec.loader = _ThenRegister(spec.loader)
         return spec
+
+
+class _ThenRegister(importlib.abc.Loader):
+    """SAELens' loader, followed by the registration (a wrapper: loaders may be shared)."""
+
+    def __init__(self, loader: importlib.abc.Loader):
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        # SAELens keeps its own loader (importlib.resources and friends ask the module's spec).
+        module.__loader__ = module.__spec__.loader = self.loader
+        self.loader.exec_module(module)
+        _import_registering_modules()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
 
 
 if "sae_lens" in sys.modules:

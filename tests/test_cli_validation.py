@@ -234,9 +234,12 @@ def test_importing_the_package_then_sae_lens_registers_the_architectures() -> No
         "from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY\n"
         "print('multilayer_topk' in SAE_CLASS_REGISTRY, 'multilayer_topk_layer' in SAE_CLASS_REGISTRY,"
         " 'multilayer_topk' in SAE_TRAINING_CLASS_REGISTRY, mlsae_lens.MultiLayerSAE.__name__)\n"
+        "import importlib.resources, sae_lens\n"  # SAELens keeps its own loader (package data)
+        "print(importlib.resources.files('sae_lens').joinpath('__init__.py').is_file(),"
+        " type(sae_lens.__loader__).__module__ != 'mlsae_lens')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["True", "True", "True", "MultiLayerSAE"]
+    assert out.stdout.split() == ["True", "True", "True", "MultiLayerSAE", "True", "True"]
 
 
 def test_the_config_spells_the_normalization_modes_like_the_normalization_module() -> None:
