@@ -33,10 +33,14 @@ def int_with_underscores(text: str) -> int:
     try:
         return int(text.replace("_", ""))
     except ValueError:
+        pass
+    try:
         value = float(text)
-        if not value.is_integer():
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        return int(value)
+    except ValueError:
+        value = math.nan
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}")
+    return int(value)
 
 
 def bounded_int(low: int, high: int | None = None) -> Callable[[str], int]:

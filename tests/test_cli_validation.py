@@ -96,7 +96,7 @@ def test_the_walk_finds_the_numeric_flags_of_every_subcommand() -> None:
     assert len(NUMERIC_FLAGS) > 40
 
 
-@pytest.mark.parametrize("bad", ["-1", "nan", "inf"])
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf", "abc"])
 @pytest.mark.parametrize(("path", "flag"), NUMERIC_FLAGS, ids=[" ".join(p) + f" {f}" for p, f in NUMERIC_FLAGS])
 def test_every_numeric_flag_refuses_out_of_range_values_before_anything_loads(
     path, flag, bad, tmp_path, capsys, nothing_loads  # noqa: ARG001
