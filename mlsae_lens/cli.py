@@ -50,6 +50,10 @@ CACHE_FIELDS = ("model_name", "dataset", "text_column", "context_size", "test_fr
                 "training_tokens", "contexts_per_chunk", "batch_size_tokens", "model_batch_size", "seed", "device")
 
 
+# mlsae_lens.baselines.BASELINES, spelled out so that `eval`'s flags are checked without importing
+# torch and SAELens (tests/test_cli_validation.py checks both agree).
+EVAL_BASELINES = ("pca", "saelens-per-layer")
+
 # One line per subcommand for `mlsae-lens --help`, which builds no subcommand's parser in full.
 COMMAND_HELP = {
     "train": "train an MLSAE on every layer's residual stream",
@@ -207,8 +211,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def add_eval_parser(sub: Any) -> None:
-    from mlsae_lens.baselines import BASELINES
-
     ev = sub.add_parser(
         "eval", help=COMMAND_HELP["eval"],
         description="Evaluate a run on its held-out test split, layer by layer: FVU, MSE, L0, L1, dead "
@@ -222,7 +224,7 @@ def add_eval_parser(sub: Any) -> None:
     ev.add_argument("--downstream-tokens", type=nonnegative_int, default=1024,
                     help="valid test tokens for the spliced CE/KL metrics, capped at --tokens; 0 skips "
                     "them (default: %(default)s)")
-    ev.add_argument("--baseline", action="append", choices=list(BASELINES),
+    ev.add_argument("--baseline", action="append", choices=list(EVAL_BASELINES),
                     help="add a baseline (repeatable): pca, saelens-per-layer")
     ev.add_argument("--layers", type=layer_list, default="all",
                     help="'all' or distinct layer indices like 0,5,10 (default: %(default)s)")

@@ -242,10 +242,13 @@ def test_importing_the_package_then_sae_lens_registers_the_architectures() -> No
     assert out.stdout.split() == ["True", "True", "True", "MultiLayerSAE", "True", "True"]
 
 
-def test_the_config_spells_the_normalization_modes_like_the_normalization_module() -> None:
+def test_the_light_copies_of_choices_agree_with_their_modules() -> None:
+    from mlsae_lens.baselines import BASELINES
+    from mlsae_lens.cli import EVAL_BASELINES
     from mlsae_lens.normalization import NORMALIZATION_MODES as modes
 
     assert modes == NORMALIZATION_MODES
+    assert tuple(BASELINES) == EVAL_BASELINES
 
 
 def test_config_refuses_bad_values_from_python_too() -> None:
