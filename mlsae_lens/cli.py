@@ -23,6 +23,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from mlsae_lens.cli_defaults import (
+    ANALYZE_DEFAULTS,
+    ANALYZE_PROMPT,
+    ANALYZE_WEIGHTINGS,
+    EVAL_BASELINES,
+    LENS_DEFAULTS,
+)
 from mlsae_lens.config import MultiLayerRunnerConfig, check_device
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.flags import (
@@ -49,10 +56,6 @@ DEMO_DEFAULTS = {"training_tokens": 40_000, "output_dir": None, "lr": 1e-3}
 CACHE_FIELDS = ("model_name", "dataset", "text_column", "context_size", "test_fraction", "max_corpus_tokens",
                 "training_tokens", "contexts_per_chunk", "batch_size_tokens", "model_batch_size", "seed", "device")
 
-
-# mlsae_lens.baselines.BASELINES, spelled out so that `eval`'s flags are checked without importing
-# torch and SAELens (tests/test_cli_validation.py checks both agree).
-EVAL_BASELINES = ("pca", "saelens-per-layer")
 
 # One line per subcommand for `mlsae-lens --help`, which builds no subcommand's parser in full.
 COMMAND_HELP = {
@@ -263,9 +266,7 @@ def cmd_train_lens(args: argparse.Namespace) -> None:
 
 
 def add_train_lens_parser(sub: Any) -> None:
-    from mlsae_lens.lens import LensTrainingConfig
-
-    defaults, run = LensTrainingConfig(), MultiLayerRunnerConfig()
+    defaults, run = LENS_DEFAULTS, MultiLayerRunnerConfig()
     # train-lens' own flags are range-checked here; LensTrainingConfig checks them again for Python callers.
     tl = sub.add_parser(
         "train-lens", help=COMMAND_HELP["train-lens"],
@@ -370,10 +371,7 @@ def cmd_explore(args: argparse.Namespace) -> None:
 
 
 def add_analyze_parser(sub: Any) -> None:
-    from mlsae_lens.analysis.layer_stats import WEIGHTINGS
-    from mlsae_lens.analyze import DEFAULT_PROMPT, AnalysisOptions
-
-    defaults = AnalysisOptions()
+    defaults = ANALYZE_DEFAULTS
     analyze = sub.add_parser(
         "analyze", help=COMMAND_HELP["analyze"],
         description="Stream a run's held-out test split through the model and its MLSAE: P(L|J), the "
@@ -383,12 +381,12 @@ def add_analyze_parser(sub: Any) -> None:
     analyze.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output-dir")
     analyze.add_argument("--tokens", type=positive_int, default=defaults.tokens,
                          help="valid test tokens to analyse, capped at the test split (default: %(default)s)")
-    analyze.add_argument("--prompt", default=DEFAULT_PROMPT, type=nonempty_text,
+    analyze.add_argument("--prompt", default=ANALYZE_PROMPT, type=nonempty_text,
                          help="prompt of the single-prompt heatmap (default: %(default)r)")
     analyze.add_argument("--batch-size", type=positive_int, default=None,
                          help="contexts per model forward pass: memory and speed only (default: sized "
                          "from the free memory, logged and recorded in the output)")
-    analyze.add_argument("--weighting", choices=list(WEIGHTINGS), default=defaults.weighting,
+    analyze.add_argument("--weighting", choices=list(ANALYZE_WEIGHTINGS), default=defaults.weighting,
                          help="P(T|J): uniform over active tokens (the paper) or by activation mass "
                          "(the reference heatmaps) (default: %(default)s)")
     analyze.add_argument("--centered-tokens", type=positive_int, default=None,

@@ -212,7 +212,8 @@ def test_cache_help_shows_only_the_flags_it_uses() -> None:
         assert unused not in flags
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["cache", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], *([c, "--help"] for c in ("train", "demo", "cache", "analyze", "eval",
+                                                                          "explore", "compare", "train-lens", "pretrained"))])
 def test_help_imports_neither_torch_nor_sae_lens(argv) -> None:
     """`python -m mlsae_lens --help` must be instant: torch and SAELens take seconds to import."""
     code = (
@@ -242,13 +243,21 @@ def test_importing_the_package_then_sae_lens_registers_the_architectures() -> No
     assert out.stdout.split() == ["True", "True", "True", "MultiLayerSAE", "True", "True"]
 
 
-def test_the_light_copies_of_choices_agree_with_their_modules() -> None:
+def test_the_light_copies_of_defaults_and_choices_agree_with_their_modules() -> None:
+    from mlsae_lens import cli_defaults
+    from mlsae_lens.analysis.layer_stats import WEIGHTINGS
+    from mlsae_lens.analyze import DEFAULT_PROMPT, AnalysisOptions
     from mlsae_lens.baselines import BASELINES
-    from mlsae_lens.cli import EVAL_BASELINES
+    from mlsae_lens.lens import LensTrainingConfig
     from mlsae_lens.normalization import NORMALIZATION_MODES as modes
 
     assert modes == NORMALIZATION_MODES
-    assert tuple(BASELINES) == EVAL_BASELINES
+    assert tuple(BASELINES) == cli_defaults.EVAL_BASELINES
+    assert tuple(WEIGHTINGS) == cli_defaults.ANALYZE_WEIGHTINGS
+    assert DEFAULT_PROMPT == cli_defaults.ANALYZE_PROMPT
+    for source, copy in ((AnalysisOptions(), cli_defaults.ANALYZE_DEFAULTS),
+                         (LensTrainingConfig(), cli_defaults.LENS_DEFAULTS)):
+        assert {name: getattr(source, name) for name in vars(copy)} == vars(copy)
 
 
 def test_config_refuses_bad_values_from_python_too() -> None:
