@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from sae_lens import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig
+from sae_lens import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig, register_sae_class, register_sae_training_class
+from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
 from torch import Tensor, nn
 from typing_extensions import override
@@ -639,17 +640,9 @@ def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> 
     return median.float()
 
 
-# Registered where the classes are defined, so SAELens knows the architecture whichever
-# mlsae_lens module is imported first (mlsae_lens/__init__.py imports this module as soon as
-# SAELens is imported). SAELens raises on duplicates; the guard keeps a reload harmless.
-def _register_with_sae_lens() -> None:
-    from sae_lens import register_sae_class, register_sae_training_class
-    from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
-
-    if ARCHITECTURE not in SAE_CLASS_REGISTRY:
-        register_sae_class(ARCHITECTURE, MultiLayerSAE, MultiLayerSAEConfig)
-    if ARCHITECTURE not in SAE_TRAINING_CLASS_REGISTRY:
-        register_sae_training_class(ARCHITECTURE, MultiLayerTrainingSAE, MultiLayerTrainingSAEConfig)
-
-
-_register_with_sae_lens()
+# Registered where the classes are defined, so SAELens knows the architecture whichever module is
+# imported first (mlsae_lens/__init__.py imports this one once SAELens is imported).
+if ARCHITECTURE not in SAE_CLASS_REGISTRY:
+    register_sae_class(ARCHITECTURE, MultiLayerSAE, MultiLayerSAEConfig)
+if ARCHITECTURE not in SAE_TRAINING_CLASS_REGISTRY:
+    register_sae_training_class(ARCHITECTURE, MultiLayerTrainingSAE, MultiLayerTrainingSAEConfig)
