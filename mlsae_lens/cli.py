@@ -477,7 +477,10 @@ def chosen_command(argv: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(chosen_command(argv)).parse_args(argv)
+    try:
+        args = build_parser(chosen_command(argv)).parse_args(argv)
+    except SystemExit as exc:  # --help, or argparse's one-line error: returned like every other outcome
+        return int(exc.code or 0)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -83,10 +83,7 @@ def nothing_loads(monkeypatch):
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own errors
-        code = exc.code
+    code = main(argv)  # argparse's own errors too: main returns the exit code, never raises SystemExit
     return code, capsys.readouterr().err.strip()
 
 
