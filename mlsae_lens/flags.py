@@ -100,8 +100,7 @@ def device_flag(text: str) -> str:
     try:
         check_device(text)
     except MLSAEError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--device {text!r} ").removeprefix(
-            f"--device {text} ")) from None
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device ")) from None  # argparse names the flag
     return text
 
 
