@@ -187,13 +187,10 @@ class CachedActivationStream(ActivationStream):
         super().__init__(None, tokens, special_mask, cfg, device)  # type: ignore[arg-type]
         self.root = Path(cache_dir)
         self.manifest = read_manifest(self.root)
-        mismatched = [f"{key} (cache: {self.manifest.get(key)!r}, run: {value!r})"
-                      for key, value in (expected or {}).items() if self.manifest.get(key) != value]
+        mismatched = mismatches(self.manifest, expected or {})
         if self.manifest.get("train_tokens_sha256") != tokens_sha256(tokens):
             mismatched.append("the training tokens (sha256)")
-        if mismatched:
-            raise MLSAEError(f"the activation cache {self.root} does not match this run: "
-                             f"{'; '.join(mismatched)}; use the cache's settings or write a new cache")
+        refuse_mismatches(self.root, mismatched)
         self.shards = self.manifest["shards"]
         # context id -> (shard, its place in the shard)
         self.where = {c: (shard, i) for shard in self.shards for i, c in enumerate(shard_context_ids(shard))}
@@ -240,6 +237,25 @@ class CachedActivationStream(ActivationStream):
 
     def harvest_group(self, group: int, contexts: Tensor, chunk: int) -> Tensor:  # noqa: ARG002
         return torch.cat([self.context_rows(int(c)) for c in contexts]).to(self.device)
+
+
+def mismatches(manifest: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    return [f"{key} (cache: {manifest.get(key)!r}, run: {value!r})"
+            for key, value in expected.items() if manifest.get(key) != value]
+
+
+def refuse_mismatches(root: Path, mismatched: list[str]) -> None:
+    if mismatched:
+        raise MLSAEError(f"the activation cache {root} does not match this run: "
+                         f"{'; '.join(mismatched)}; use the cache's settings or write a new cache")
+
+
+def check_cache_before_loading(run_cfg: Any) -> None:
+    """``--activation-cache``: a cache written for this run's model and corpus settings, checked
+    from its manifest before the model loads (sizes and tokens are checked once they are known)."""
+    root = Path(run_cfg.activation_cache)
+    manifest = read_manifest(root)
+    refuse_mismatches(root, mismatches(manifest, {key: getattr(run_cfg, key) for key in MATCHED_FIELDS}))
 
 
 def read_manifest(root: Path) -> dict[str, Any]:

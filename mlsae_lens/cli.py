@@ -30,13 +30,13 @@ from mlsae_lens.cli_defaults import (
     EVAL_BASELINES,
     LENS_DEFAULTS,
 )
-from mlsae_lens.config import MultiLayerRunnerConfig, check_device
+from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.flags import (
     ArgumentParser,
     bounded_float,
     bounded_int,
-    check_model_sizes,
+    check_run_before_loading,
     device_flag,
     html_file,
     int_with_underscores,
@@ -103,16 +103,15 @@ def add_config_flags(parser: argparse.ArgumentParser, overrides: dict[str, Any] 
 
 
 def config_from_args(args: argparse.Namespace) -> MultiLayerRunnerConfig:
-    """The run config of train/demo/cache, every field checked (the device also for being there)."""
+    """The run config of train/demo/cache, checked as far as it can be before anything loads."""
     names = {f.name for f in dataclasses.fields(MultiLayerRunnerConfig)}
     cfg = MultiLayerRunnerConfig(**{k: v for k, v in vars(args).items() if k in names})
-    check_device(cfg.device)
+    check_run_before_loading(cfg)
     return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
-    check_model_sizes(cfg)
     from mlsae_lens.training import MultiLayerSAETrainingRunner
 
     runner = MultiLayerSAETrainingRunner(cfg)
@@ -122,7 +121,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_cache(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
-    check_model_sizes(cfg)
     from mlsae_lens.activation_cache import write_activation_cache
 
     path = write_activation_cache(cfg, Path(args.output), contexts_per_shard=args.contexts_per_shard)
@@ -151,7 +149,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if args.output_dir is None:
         args.output_dir = f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = config_from_args(args)
-    check_model_sizes(cfg)
     from mlsae_lens.pipeline import run_demo
 
     report = run_demo(cfg, eval_tokens=args.eval_tokens)

@@ -146,3 +146,14 @@ def check_model_sizes(cfg: MultiLayerRunnerConfig) -> None:
     if cfg.context_size > n_ctx:
         raise MLSAEError(f"--context-size {cfg.context_size} is longer than the model's {n_ctx} positions; "
                          f"use at most {n_ctx}")
+
+
+def check_run_before_loading(cfg: MultiLayerRunnerConfig) -> None:
+    """What train, demo and cache can check of their config before the model loads: the device
+    is there, the sizes fit the model (where known), an activation cache matches the run."""
+    check_device(cfg.device)
+    check_model_sizes(cfg)
+    if cfg.activation_cache is not None:
+        from mlsae_lens.activation_cache import check_cache_before_loading
+
+        check_cache_before_loading(cfg)

@@ -292,3 +292,20 @@ def test_a_run_config_naming_cuda_still_loads_where_there_is_no_cuda(monkeypatch
     assert MultiLayerRunnerConfig.from_dict({"device": "cuda:1"}).device == "cuda:1"
     with pytest.raises(MLSAEError, match="is not a device"):
         MultiLayerRunnerConfig.from_dict({"device": "tpu"})
+
+
+def test_an_activation_cache_is_checked_before_the_model_loads(tmp_path, capsys, nothing_loads) -> None:  # noqa: ARG001
+    from mlsae_lens.activation_cache import write_activation_cache
+    from test_crash_resume import tiny_config
+    from test_crash_resume import tiny_model as tiny_lm
+    from test_crash_resume import tiny_splits as tiny_lm_splits
+
+    code, err = run_cli(["train", "--activation-cache", str(tmp_path / "none"), "--output-dir", str(tmp_path / "r")],
+                        capsys)
+    assert code == 2 and "is not an activation cache (no manifest.json)" in err and len(err.splitlines()) == 1
+    cache = write_activation_cache(tiny_config(tmp_path / "unused"), tmp_path / "cache", model=tiny_lm(),
+                                   splits=tiny_lm_splits())
+    code, err = run_cli(["train", "--activation-cache", str(cache), "--output-dir", str(tmp_path / "r")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"the activation cache {cache} does not match this run: model_name (cache: 'tiny'" in err
+    assert not (tmp_path / "r").exists()
