@@ -127,9 +127,9 @@ def nonempty_text(text: str) -> str:
 
 
 def check_model_sizes(cfg: MultiLayerRunnerConfig) -> None:
-    """``k < d_sae`` and ``context_size <= n_ctx`` before the model loads, where the model's
-    sizes are known without loading it (the embedded model's cached config); otherwise the SAE
-    config checks ``k`` after the load."""
+    """``k < d_sae``, ``context_size <= n_ctx`` and an SAE that fits in memory, before the model
+    loads, where the model's sizes are known without loading it (the embedded model's cached
+    config); otherwise the SAE config checks ``k`` after the load."""
     if cfg.model_name.lower() not in ("smollm2-135m-instruct", "smollm2", "embedded", EMBEDDED_MODEL.lower()):
         return
     try:
@@ -146,6 +146,17 @@ def check_model_sizes(cfg: MultiLayerRunnerConfig) -> None:
     if cfg.context_size > n_ctx:
         raise MLSAEError(f"--context-size {cfg.context_size} is longer than the model's {n_ctx} positions; "
                          f"use at most {n_ctx}")
+    # W_enc and W_dec, each with its gradient and two Adam moments, in float32: a lower bound of
+    # what training holds, so a hopeless --expansion-factor fails now instead of at the allocation.
+    from mlsae_lens.memory import available_memory_bytes
+    from mlsae_lens.training import resolve_device
+
+    device = resolve_device(cfg.device)
+    need, free = 2 * d_model * d_sae * 4 * 4, available_memory_bytes(device)
+    if need > free:
+        raise MLSAEError(f"--expansion-factor {cfg.expansion_factor} makes {d_sae} latents, whose weights, gradients "
+                         f"and Adam state need {need / 1e9:.1f} GB but {device} has {free / 1e9:.1f} GB free; "
+                         "lower --expansion-factor")
 
 
 def check_run_before_loading(cfg: MultiLayerRunnerConfig) -> None:

@@ -175,6 +175,12 @@ def test_k_and_context_size_are_checked_from_the_cached_model_config_before_load
     assert (code, err) == (2, "mlsae-lens: error: --context-size 9000 is longer than the model's 8192 positions; "
                               "use at most 8192")
     assert not (tmp_path / "run").exists()
+    code, err = run_cli(["train", "--expansion-factor", "100_000_000", "--device", "cpu", "--output-dir",
+                         str(tmp_path / "run")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("mlsae-lens: error: --expansion-factor 100000000 makes 57600000000 latents, whose weights, "
+                          "gradients and Adam state need 1061683.2 GB but cpu has ")
+    assert err.endswith("GB free; lower --expansion-factor") and not (tmp_path / "run").exists()
     # Without a cached config (or for a hub model) the SAE config checks it after the load.
     check_model_sizes(MultiLayerRunnerConfig(model_name="pythia-70m", k=10_000, expansion_factor=1))
 
