@@ -157,7 +157,7 @@ def test_cuda_without_cuda_is_one_line(tmp_path, capsys, monkeypatch, nothing_lo
     assert not (tmp_path / "run").exists()
 
 
-def test_k_and_context_size_are_checked_from_the_cached_model_config_before_loading(
+def test_k_context_size_and_sae_memory_are_checked_from_the_cached_model_config_before_loading(
     tmp_path, monkeypatch, capsys, nothing_loads  # noqa: ARG001
 ) -> None:
     """The embedded model's width comes from its cached config (a JSON file), not a load."""
