@@ -1,11 +1,13 @@
 """A reusable activation cache: harvest all layers once, train many SAEs from disk.
 
-``mlsae-lens cache --output DIR`` runs the model once over the training split and writes
-``DIR/train/shard_NNNNN.safetensors`` (``acts`` ``[rows, n_layers, d_model]`` float32: the
+``mlsae-lens cache --output DIR`` runs the model once over the contexts a run of
+``--training-tokens`` visits (in the stream's order, whole chunks; the whole split when the
+budget asks for more than one pass) and writes ``DIR/train/shard_NNNNN.safetensors`` (``acts`` ``[rows, n_layers, d_model]`` float32: the
 *raw* residual stream of the valid tokens, so every SAE applies its own normalization;
 ``positions`` ``[rows, 2]`` (context, position); ``row_offsets`` per context) and
 ``DIR/manifest.json`` (model, sizes, corpus settings, a sha256 of the training tokens, and
-per shard its context range, size and sha256). ``--activation-cache DIR`` then trains from it
+per shard its context ids, size and sha256). It says the size before writing and refuses
+when the disk lacks the room. ``--activation-cache DIR`` then trains from it
 through :class:`CachedActivationStream`, which yields exactly the batches the live stream
 would (same context order and shuffle), so ``--resume`` works unchanged.
 
@@ -16,6 +18,7 @@ describing another model or corpus, or a path escaping ``DIR`` is refused by nam
 import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +40,8 @@ from mlsae_lens.memory import resolve_model_batch_size
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards list their context ids (a budget harvests a subset); 1 is still read
+READABLE_VERSIONS = (1, 2)
 # Run settings that decide which activations a run sees: they must match the cache's.
 MATCHED_FIELDS = ("model_name", "dataset", "text_column", "context_size", "test_fraction",
                   "max_corpus_tokens", "seed")
@@ -63,6 +67,39 @@ def safe_member(root: Path, name: str) -> Path:
     return root / name
 
 
+def contexts_for_budget(stream: ActivationStream, training_tokens: int) -> list[int]:
+    """The contexts a run of ``training_tokens`` reads, in the order ``stream`` visits them:
+    whole chunks until their full batches cover the budget (every context after one pass)."""
+    n_valid = (~stream.special_mask).sum(1)
+    bs, per_chunk = stream.cfg.batch_size_tokens, stream.cfg.contexts_per_chunk
+    needed: list[int] = []
+    trained = 0
+    for chunk in range(stream.n_chunks):
+        ids = stream.context_order[chunk * per_chunk : (chunk + 1) * per_chunk]
+        needed.extend(ids.tolist())
+        trained += int(n_valid[ids].sum()) // bs * bs
+        if trained >= training_tokens:
+            break
+    return needed
+
+
+def check_disk_room(output: Path, n_bytes: int) -> None:
+    """Refuse before writing when the file system of ``output`` has less than ``n_bytes`` free."""
+    existing = next(p for p in [output, *output.parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < n_bytes:
+        raise MLSAEError(f"the activation cache needs {format_bytes(n_bytes)} but {existing} has "
+                         f"{format_bytes(free)} free; lower --training-tokens or choose another --output")
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
 def write_activation_cache(
     cfg: Any,
     output: Path,
@@ -78,30 +115,42 @@ def write_activation_cache(
     output = Path(output)
     if (output / MANIFEST).exists():
         raise MLSAEError(f"{output} already holds an activation cache; choose a new --output")
+    if output.exists() and not output.is_dir():
+        raise MLSAEError(f"--output {output} is a file; choose a directory for the activation cache")
     if contexts_per_shard <= 0:
         raise MLSAEError("--contexts-per-shard must be positive")
-    (output / "train").mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     model = model if model is not None else load_model(cfg.model_name, device=device)
     splits = splits if splits is not None else cfg.load_token_splits(model.tokenizer)
     tokens, mask = splits.train, special_token_mask(splits.train, model.tokenizer)
+    stream_cfg = ActivationStreamConfig(contexts_per_chunk=cfg.contexts_per_chunk,
+                                        batch_size_tokens=cfg.batch_size_tokens, seed=cfg.seed)
+    contexts = contexts_for_budget(ActivationStream(model, tokens, mask, stream_cfg), cfg.training_tokens)
+    rows = int((~mask[contexts]).sum())
+    # float32 activations of every layer, plus two int64 positions per row.
+    n_bytes = rows * (model.cfg.n_layers * model.cfg.d_model * 4 + 16)
+    logger.info("activation cache: %d of %d training contexts (%d tokens, for --training-tokens %d) x %d layers "
+                "x d_model %d: %s", len(contexts), tokens.shape[0], rows, cfg.training_tokens,
+                model.cfg.n_layers, model.cfg.d_model, format_bytes(n_bytes))
+    check_disk_room(output, n_bytes)
+    (output / "train").mkdir(parents=True, exist_ok=True)
     batch = resolve_model_batch_size(cfg.model_batch_size, model.cfg, tokens.shape[1], device)
     shards = []
-    for index, start in enumerate(range(0, tokens.shape[0], contexts_per_shard)):
-        stop = min(start + contexts_per_shard, tokens.shape[0])
+    for index, start in enumerate(range(0, len(contexts), contexts_per_shard)):
+        ids = torch.tensor(contexts[start : start + contexts_per_shard], dtype=torch.long)
         parts = []
-        for i in range(start, stop, batch):
-            j = min(i + batch, stop)
-            acts = harvest_resid_post(model, tokens[i:j])
-            check_finite(acts, f"contexts {i}-{j}")
-            parts.append(valid_token_vectors(acts, mask[i:j]).cpu())
-        valid = ~mask[start:stop]
+        for i in range(0, len(ids), batch):
+            group = ids[i : i + batch]
+            acts = harvest_resid_post(model, tokens[group])
+            check_finite(acts, f"contexts {group.tolist()}")
+            parts.append(valid_token_vectors(acts, mask[group]).cpu())
+        valid = ~mask[ids]
         positions = valid.nonzero()
-        positions[:, 0] += start
+        positions[:, 0] = ids[positions[:, 0]]
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), valid.sum(1).cumsum(0)])
         name = f"train/shard_{index:05d}.safetensors"
         atomic_save_file({"acts": torch.cat(parts), "positions": positions, "row_offsets": offsets}, output / name)
-        shards.append({"file": name, "contexts": [start, stop], "rows": int(offsets[-1]),
+        shards.append({"file": name, "context_ids": ids.tolist(), "rows": int(offsets[-1]),
                        "bytes": (output / name).stat().st_size, "sha256": file_sha256(output / name)})
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -110,6 +159,10 @@ def write_activation_cache(
         "n_layers": model.cfg.n_layers,
         "hook_names": [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers)],
         "n_train_contexts": int(tokens.shape[0]),
+        # The budget the contexts were chosen for (see contexts_for_budget).
+        "training_tokens": cfg.training_tokens,
+        "contexts_per_chunk": cfg.contexts_per_chunk,
+        "batch_size_tokens": cfg.batch_size_tokens,
         "train_tokens_sha256": tokens_sha256(tokens),
         "provenance": splits.provenance,
         **{key: getattr(cfg, key) for key in MATCHED_FIELDS},
@@ -134,15 +187,13 @@ class CachedActivationStream(ActivationStream):
         super().__init__(None, tokens, special_mask, cfg, device)  # type: ignore[arg-type]
         self.root = Path(cache_dir)
         self.manifest = read_manifest(self.root)
-        mismatched = [f"{key} (cache: {self.manifest.get(key)!r}, run: {value!r})"
-                      for key, value in (expected or {}).items() if self.manifest.get(key) != value]
+        mismatched = mismatches(self.manifest, expected or {})
         if self.manifest.get("train_tokens_sha256") != tokens_sha256(tokens):
             mismatched.append("the training tokens (sha256)")
-        if mismatched:
-            raise MLSAEError(f"the activation cache {self.root} does not match this run: "
-                             f"{'; '.join(mismatched)}; use the cache's settings or write a new cache")
+        refuse_mismatches(self.root, mismatched)
         self.shards = self.manifest["shards"]
-        self.starts = [s["contexts"][0] for s in self.shards]
+        # context id -> (shard, its place in the shard)
+        self.where = {c: (shard, i) for shard in self.shards for i, c in enumerate(shard_context_ids(shard))}
         self.verified: set[str] = set()
 
     @classmethod
@@ -150,7 +201,17 @@ class CachedActivationStream(ActivationStream):
                 cfg: ActivationStreamConfig, device: str) -> "CachedActivationStream":
         expected = {key: getattr(run_cfg, key) for key in MATCHED_FIELDS}
         expected.update(d_model=model.cfg.d_model, n_layers=model.cfg.n_layers)
-        return cls(Path(run_cfg.activation_cache), tokens, special_mask, cfg, device, expected)
+        stream = cls(Path(run_cfg.activation_cache), tokens, special_mask, cfg, device, expected)
+        missing = set(contexts_for_budget(stream, run_cfg.training_tokens)) - stream.where.keys()
+        if missing:
+            m = stream.manifest
+            raise MLSAEError(
+                f"the activation cache {stream.root} holds {len(stream.where)} of the {tokens.shape[0]} training "
+                f"contexts, harvested for --training-tokens {m.get('training_tokens')} --contexts-per-chunk "
+                f"{m.get('contexts_per_chunk')} --batch-size-tokens {m.get('batch_size_tokens')}; this run needs "
+                f"{len(missing)} more: write a cache with this run's --training-tokens {run_cfg.training_tokens} "
+                f"--contexts-per-chunk {cfg.contexts_per_chunk} --batch-size-tokens {cfg.batch_size_tokens}")
+        return stream
 
     def shard_path(self, shard: dict[str, Any]) -> Path:
         """The shard's file, its sha256 checked the first time this stream reads it."""
@@ -166,16 +227,35 @@ class CachedActivationStream(ActivationStream):
         return path
 
     def context_rows(self, context: int) -> Tensor:
-        import bisect
-
-        shard = self.shards[bisect.bisect_right(self.starts, context) - 1]
+        if context not in self.where:
+            raise MLSAEError(f"the activation cache {self.root} does not hold training context {context} (it was "
+                             "written for fewer --training-tokens); write a cache with this run's settings")
+        shard, local = self.where[context]
         with safe_open(self.shard_path(shard), framework="pt") as f:
-            local = context - shard["contexts"][0]
             start, stop = f.get_slice("row_offsets")[local : local + 2].tolist()
             return f.get_slice("acts")[start:stop]
 
     def harvest_group(self, group: int, contexts: Tensor, chunk: int) -> Tensor:  # noqa: ARG002
         return torch.cat([self.context_rows(int(c)) for c in contexts]).to(self.device)
+
+
+def mismatches(manifest: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+    return [f"{key} (cache: {manifest.get(key)!r}, run: {value!r})"
+            for key, value in expected.items() if manifest.get(key) != value]
+
+
+def refuse_mismatches(root: Path, mismatched: list[str]) -> None:
+    if mismatched:
+        raise MLSAEError(f"the activation cache {root} does not match this run: "
+                         f"{'; '.join(mismatched)}; use the cache's settings or write a new cache")
+
+
+def check_cache_before_loading(run_cfg: Any) -> None:
+    """``--activation-cache``: a cache written for this run's model and corpus settings, checked
+    from its manifest before the model loads (sizes and tokens are checked once they are known)."""
+    root = Path(run_cfg.activation_cache)
+    manifest = read_manifest(root)
+    refuse_mismatches(root, mismatches(manifest, {key: getattr(run_cfg, key) for key in MATCHED_FIELDS}))
 
 
 def read_manifest(root: Path) -> dict[str, Any]:
@@ -188,10 +268,18 @@ def read_manifest(root: Path) -> dict[str, Any]:
         shards = manifest["shards"]
         for shard in shards:
             safe_member(Path(root), shard["file"])
-            _ = shard["contexts"], shard["bytes"], shard["sha256"]
+            _ = shard_context_ids(shard), shard["bytes"], shard["sha256"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise MLSAEError(f"{path} is damaged ({type(exc).__name__}: {exc}); write the cache again") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise MLSAEError(f"{path} has format version {manifest.get('format_version')!r}, expected "
-                         f"{FORMAT_VERSION}; write the cache again with this mlsae-lens")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise MLSAEError(f"{path} has format version {manifest.get('format_version')!r}, expected one of "
+                         f"{READABLE_VERSIONS}; write the cache again with this mlsae-lens")
     return manifest
+
+
+def shard_context_ids(shard: dict[str, Any]) -> list[int]:
+    """The contexts a shard holds, in order: listed (format 2) or a range (format 1)."""
+    if "context_ids" in shard:
+        return [int(c) for c in shard["context_ids"]]
+    start, stop = shard["contexts"]
+    return list(range(int(start), int(stop)))

@@ -2,12 +2,19 @@
 
 Flags of ``train`` and ``demo`` are generated from :class:`MultiLayerRunnerConfig`, so every
 field's help text and default show up in ``--help``. Problems a user can fix end in one
-line on stderr and exit code 2; nothing else is printed.
+line on stderr and exit code 2; nothing else is printed. Every flag is checked before a model
+or corpus loads: config fields in ``MultiLayerRunnerConfig.__post_init__``, the other
+subcommands' flags by the argparse ``type=`` functions below.
+
+Building the parser imports nothing heavy (no torch, no SAELens): ``mlsae-lens --help`` is
+instant, and only the chosen subcommand's parser is built in full (its defaults may come from
+modules that import torch).
 """
 
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 import time
 import types
@@ -16,90 +23,135 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from mlsae_lens.cli_defaults import (
+    ANALYZE_DEFAULTS,
+    ANALYZE_PROMPT,
+    ANALYZE_WEIGHTINGS,
+    EVAL_BASELINES,
+    LENS_DEFAULTS,
+)
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
+from mlsae_lens.flags import (
+    ArgumentParser,
+    bounded_float,
+    bounded_int,
+    check_run_before_loading,
+    device_flag,
+    html_file,
+    int_with_underscores,
+    layer_list,
+    nonempty_path,
+    nonempty_text,
+    nonnegative_int,
+    output_flags,
+    port_number,
+    positive_int,
+)
 
 logger = logging.getLogger("mlsae_lens")
 
 DEMO_DEFAULTS = {"training_tokens": 40_000, "output_dir": None, "lr": 1e-3}
+# Config fields `mlsae-lens cache` reads (the others would be ignored, so it does not offer them).
+CACHE_FIELDS = ("model_name", "dataset", "text_column", "context_size", "test_fraction", "max_corpus_tokens",
+                "training_tokens", "contexts_per_chunk", "batch_size_tokens", "model_batch_size", "seed", "device")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, overrides: dict[str, Any] | None = None) -> None:
-    """One ``--flag`` per config field, typed from its annotation."""
+# One line per subcommand for `mlsae-lens --help`, which builds no subcommand's parser in full.
+COMMAND_HELP = {
+    "train": "train an MLSAE on every layer's residual stream",
+    "demo": "train a small MLSAE on the embedded model and corpus, evaluate it, write the report",
+    "analyze": "latent distributions over layers and residual-stream norms on the test split",
+    "compare": "Eq. 11/12 bars and norm profiles of several analysed runs",
+    "explore": "browse each latent's top contexts per layer in one offline HTML page",
+    "eval": "per-layer reconstruction and downstream-loss metrics, against baselines",
+    "cache": "harvest every layer's activations once for a token budget, for many SAEs",
+    "train-lens": "train a tuned lens (tuned-lens' TunedLens and KL objective) for --tuned-lens",
+    "pretrained": "list the published MLSAEs, or convert one into a run directory",
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, overrides: dict[str, Any] | None = None,
+                     only: Sequence[str] | None = None) -> None:
+    """One ``--flag`` per config field (or per field in ``only``), typed from its annotation;
+    ranges are checked by the config itself, before anything loads."""
     overrides = overrides or {}
     hints = typing.get_type_hints(MultiLayerRunnerConfig)
     for f in dataclasses.fields(MultiLayerRunnerConfig):
-        flag = "--" + f.name.replace("_", "-")
+        if only is not None and f.name not in only:
+            continue
+        flags = output_flags(f.name) if f.name == "output_dir" else ("--" + f.name.replace("_", "-"),)
         default = overrides.get(f.name, f.default)
         kind = hints[f.name]
-        help_text = f.metadata.get("help", "") + " (default: %(default)s)"
+        help_text = f.metadata.get("help", "")
+        if "default" not in help_text:  # some fields say what their default means themselves
+            help_text += " (default: %(default)s)"
+        if f.name == "output_dir":
+            help_text += "; --output is the same flag"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(*flags, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
         args = typing.get_args(kind)
         if typing.get_origin(kind) in (typing.Union, types.UnionType):
             kind = next(a for a in args if a is not type(None))
             args = typing.get_args(kind)
         if typing.get_origin(kind) is Literal:
-            parser.add_argument(flag, choices=list(args), default=default, help=help_text)
+            parser.add_argument(*flags, choices=list(args), default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=int_with_underscores if kind is int else kind, default=default,
+            parser.add_argument(*flags, type=int_with_underscores if kind is int else kind, default=default,
                                 help=help_text, metavar=f.name.upper())
 
 
-def int_with_underscores(text: str) -> int:
-    """Accept ``10_000_000`` and ``1e6`` as well as ``1000``."""
-    try:
-        return int(text.replace("_", ""))
-    except ValueError:
-        value = float(text)
-        if not value.is_integer():
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        return int(value)
-
-
 def config_from_args(args: argparse.Namespace) -> MultiLayerRunnerConfig:
+    """The run config of train/demo/cache, checked as far as it can be before anything loads."""
     names = {f.name for f in dataclasses.fields(MultiLayerRunnerConfig)}
-    return MultiLayerRunnerConfig(**{k: v for k, v in vars(args).items() if k in names})
+    cfg = MultiLayerRunnerConfig(**{k: v for k, v in vars(args).items() if k in names})
+    check_run_before_loading(cfg)
+    return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    cfg = config_from_args(args)
     from mlsae_lens.training import MultiLayerSAETrainingRunner
 
-    cfg = config_from_args(args)
     runner = MultiLayerSAETrainingRunner(cfg)
     runner.run()
     logger.info("saved the MLSAE to %s (load it with sae_lens.SAE.load_from_disk)", runner.out)
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
+    cfg = config_from_args(args)
     from mlsae_lens.activation_cache import write_activation_cache
 
-    cfg = config_from_args(args)
     path = write_activation_cache(cfg, Path(args.output), contexts_per_shard=args.contexts_per_shard)
     print(f"activation cache: {path} (train with --activation-cache {path})")
 
 
 def add_cache_parser(sub: Any) -> None:
     cache = sub.add_parser(
-        "cache", help="harvest every layer's activations of the training split once, for many SAEs",
-        description="Run the model once over the training split and write its raw hook_resid_post "
-        "activations (valid tokens) as sharded safetensors with a manifest.json (checksums, model and "
-        "corpus settings). `train --activation-cache DIR` with the same model and corpus flags reads "
-        "them instead of running the model.")
-    add_config_flags(cache)
-    cache.add_argument("--output", required=True, metavar="DIR", help="the cache directory to write")
-    cache.add_argument("--contexts-per-shard", type=int_with_underscores, default=256,
+        "cache", help=COMMAND_HELP["cache"],
+        description="Run the model once over the training contexts a run of --training-tokens reads (in "
+        "the order it reads them, with the same --contexts-per-chunk, --batch-size-tokens and --seed) and "
+        "write their raw hook_resid_post activations (valid tokens) as sharded safetensors with a "
+        "manifest.json (checksums, model and corpus settings). The size (n_layers x d_model x 4 bytes per "
+        "token) is logged first and a disk without that room is refused. `train --activation-cache DIR` "
+        "with the same model and corpus flags and at most that many tokens reads them instead of running "
+        "the model.")
+    add_config_flags(cache, only=CACHE_FIELDS)
+    cache.add_argument(*output_flags("output"), dest="output", required=True, metavar="DIR", type=nonempty_path,
+                       help="the cache directory to write")
+    cache.add_argument("--contexts-per-shard", type=positive_int, default=256,
                        help="contexts per safetensors shard (default: %(default)s)")
     cache.set_defaults(func=cmd_cache)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from mlsae_lens.pipeline import run_demo
-
     if args.output_dir is None:
         args.output_dir = f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    report = run_demo(config_from_args(args), eval_tokens=args.eval_tokens)
+    cfg = config_from_args(args)
+    from mlsae_lens.pipeline import run_demo
+
+    report = run_demo(cfg, eval_tokens=args.eval_tokens)
     print(f"report: {report}")
 
 
@@ -129,6 +181,17 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"report: {compare_runs(args.runs, args.output)}")
 
 
+def add_compare_parser(sub: Any) -> None:
+    compare = sub.add_parser(
+        "compare", help=COMMAND_HELP["compare"],
+        description="Draw the variance ratios (paper Fig. 5) and residual norm profiles of runs that "
+        "`mlsae-lens analyze` has processed into one HTML file.")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="analysed run directories")
+    compare.add_argument(*output_flags("output"), dest="output", required=True, metavar="FILE.html", type=html_file,
+                         help="where to write the HTML (--output-dir is the same flag)")
+    compare.set_defaults(func=cmd_compare)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from mlsae_lens.evals import EvalOptions, comparison_table, evaluate_run, format_table
     from mlsae_lens.training import resolve_device
@@ -148,32 +211,31 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def add_eval_parser(sub: Any) -> None:
-    from mlsae_lens.baselines import BASELINES
-
     ev = sub.add_parser(
-        "eval", help="per-layer reconstruction and downstream-loss metrics, against baselines",
+        "eval", help=COMMAND_HELP["eval"],
         description="Evaluate a run on its held-out test split, layer by layer: FVU, MSE, L0, L1, dead "
         "fraction, firing-frequency histogram, and the next-token CE increase / KL(clean || spliced) / "
         "loss recovered when each layer's reconstruction is spliced into hook_resid_post. Baselines on "
         "the same tokens: rank-k PCA per layer (pca) and one SAELens TopK SAE per layer trained like the "
         "MLSAE (saelens-per-layer; saved under RUN_DIR/baselines/). Writes eval.json and report.html.")
     ev.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output-dir")
-    ev.add_argument("--tokens", type=int_with_underscores, default=4096,
+    ev.add_argument("--tokens", type=positive_int, default=4096,
                     help="valid test tokens for the reconstruction metrics (default: %(default)s)")
-    ev.add_argument("--downstream-tokens", type=int_with_underscores, default=1024,
+    ev.add_argument("--downstream-tokens", type=nonnegative_int, default=1024,
                     help="valid test tokens for the spliced CE/KL metrics, capped at --tokens; 0 skips "
                     "them (default: %(default)s)")
-    ev.add_argument("--baseline", action="append", choices=list(BASELINES),
+    ev.add_argument("--baseline", action="append", choices=list(EVAL_BASELINES),
                     help="add a baseline (repeatable): pca, saelens-per-layer")
-    ev.add_argument("--layers", default="all", help="'all' or layer indices like 0,5,10 (default: %(default)s)")
-    ev.add_argument("--batch-size", type=int_with_underscores, default=None,
+    ev.add_argument("--layers", type=layer_list, default="all",
+                    help="'all' or distinct layer indices like 0,5,10 (default: %(default)s)")
+    ev.add_argument("--batch-size", type=positive_int, default=None,
                     help="contexts per model forward pass: memory and speed only (default: sized from the "
                     "free memory, logged and recorded in the output)")
-    ev.add_argument("--baseline-training-tokens", type=int_with_underscores, default=None,
+    ev.add_argument("--baseline-training-tokens", type=positive_int, default=None,
                     help="training tokens per per-layer SAE (default: the MLSAE's --training-tokens)")
     ev.add_argument("--retrain-baselines", action="store_true",
                     help="train the per-layer SAEs again even if RUN_DIR holds matching ones")
-    ev.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
+    ev.add_argument("--device", type=device_flag, default="auto", help="cpu, cuda, or auto (default: %(default)s)")
     ev.set_defaults(func=cmd_eval)
 
 
@@ -201,11 +263,10 @@ def cmd_train_lens(args: argparse.Namespace) -> None:
 
 
 def add_train_lens_parser(sub: Any) -> None:
-    from mlsae_lens.lens import LensTrainingConfig
-
-    defaults, run = LensTrainingConfig(), MultiLayerRunnerConfig()
+    defaults, run = LENS_DEFAULTS, MultiLayerRunnerConfig()
+    # train-lens' own flags are range-checked here; LensTrainingConfig checks them again for Python callers.
     tl = sub.add_parser(
-        "train-lens", help="train a tuned lens (tuned-lens' TunedLens and KL objective) for --tuned-lens",
+        "train-lens", help=COMMAND_HELP["train-lens"],
         description="Train a tuned lens on the corpus' train split: tuned-lens' TunedLens module, "
         "KL(final logits || lens logits) per layer, SGD with Nesterov momentum, linear decay, grad "
         "clipping. Each step samples --tokens-per-step positions from --pool-tokens harvested "
@@ -214,22 +275,34 @@ def add_train_lens_parser(sub: Any) -> None:
         "logit lens) into --output.")
     tl.add_argument("model", nargs="?", default=run.model_name, metavar="MODEL",
                     help="model name, as for train (default: %(default)s)")
-    tl.add_argument("--output", default=None, metavar="DIR", help="lens directory (default: runs/lens-MODEL)")
+    tl.add_argument(*output_flags("output"), dest="output", default=None, metavar="DIR", type=nonempty_path,
+                    help="lens directory; --output-dir is the same flag (default: runs/lens-MODEL)")
     tl.add_argument("--overwrite", action="store_true", help="replace a lens already in --output")
-    for name, kind in (("steps", int), ("tokens_per_step", int), ("pool_tokens", int), ("eval_tokens", int),
-                       ("lr_scale", float), ("momentum", float), ("weight_decay", float),
-                       ("model_batch_size", int), ("seed", int)):
-        tl.add_argument("--" + name.replace("_", "-"), type=int_with_underscores if kind is int else kind,
-                        default=getattr(defaults, name),
-                        help="(default: auto, sized from the free memory)" if name == "model_batch_size"
-                        else "(default: %(default)s)")
+    lens_flags = {
+        "steps": (positive_int, "SGD steps"),
+        "tokens_per_step": (positive_int, "token positions sampled from the pool per step"),
+        "pool_tokens": (positive_int, "train-split tokens whose hidden states are harvested once and "
+                        "sampled from"),
+        "eval_tokens": (positive_int, "test-split tokens of the KL evaluation (lens_eval.json)"),
+        "lr_scale": (bounded_float(0, math.inf, low_open=True, high_open=True),
+                     "SGD learning rate = lr_scale * (1 - momentum), as tuned-lens"),
+        "momentum": (bounded_float(0, 1, high_open=True), "Nesterov momentum"),
+        "weight_decay": (bounded_float(0, math.inf, high_open=True), "SGD weight decay"),
+        "model_batch_size": (positive_int, "contexts per model forward of the harvest"),
+        "seed": (bounded_int(0, 2**32 - 1), "random seed (split, pool sample, step order)"),
+    }
+    for name, (kind, text) in lens_flags.items():
+        tl.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
+                        help=text + (" (default: auto, sized from the free memory)" if name == "model_batch_size"
+                                     else " (default: %(default)s)"))
+    corpus_types = {"context_size": bounded_int(2), "max_corpus_tokens": positive_int,
+                    "test_fraction": bounded_float(0, 1, low_open=True, high_open=True)}
     for name in ("dataset", "text_column", "context_size", "test_fraction", "max_corpus_tokens"):
         f = next(f for f in dataclasses.fields(MultiLayerRunnerConfig) if f.name == name)
-        kind = {"context_size": int_with_underscores, "max_corpus_tokens": int_with_underscores,
-                "test_fraction": float}.get(name, str)
-        tl.add_argument("--" + name.replace("_", "-"), type=kind, default=f.default,
-                        help=f.metadata["help"] + " (default: %(default)s)")
-    tl.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
+        help_text = f.metadata["help"] + ("" if "default" in f.metadata["help"] else " (default: %(default)s)")
+        tl.add_argument("--" + name.replace("_", "-"), type=corpus_types.get(name, str), default=f.default,
+                        help=help_text)
+    tl.add_argument("--device", type=device_flag, default="auto", help="cpu, cuda, or auto (default: %(default)s)")
     tl.set_defaults(func=cmd_train_lens)
 
 
@@ -252,7 +325,7 @@ def cmd_pretrained_convert(args: argparse.Namespace) -> None:
 
 def add_pretrained_parser(sub: Any) -> None:
     pretrained = sub.add_parser(
-        "pretrained", help="list the published MLSAEs, or convert one into a run directory",
+        "pretrained", help=COMMAND_HELP["pretrained"],
         description="The release registry (mlsae_lens/pretrained_saes.yaml): the paper's published "
         "MLSAEs tim-lawson/mlsae-<model>-x<R>-k<k>[-lens][-tfm]. `list` prints it; `convert` turns "
         "one into a run directory that analyze, eval and explore read.")
@@ -268,7 +341,8 @@ def add_pretrained_parser(sub: Any) -> None:
         "tuned-lens' own convention).")
     convert.add_argument("release", metavar="RELEASE", help="a release of `mlsae-lens pretrained list`")
     convert.add_argument("sae_id", metavar="SAE_ID", help="one of the release's SAE ids, e.g. x64-k32")
-    convert.add_argument("--output", required=True, metavar="DIR", help="the run directory to write")
+    convert.add_argument(*output_flags("output"), dest="output", required=True, metavar="DIR", type=nonempty_path,
+                         help="the run directory to write (--output-dir is the same flag)")
     convert.add_argument("--local-dir", default=None, metavar="PATH",
                          help="already-downloaded config.json + model.safetensors (default: the hub)")
     convert.add_argument("--lens", default=None, metavar="PATH",
@@ -279,8 +353,8 @@ def add_pretrained_parser(sub: Any) -> None:
     for name in ("dataset", "text_column", "context_size"):
         f = next(f for f in dataclasses.fields(MultiLayerRunnerConfig) if f.name == name)
         convert.add_argument("--" + name.replace("_", "-"), default=None,
-                             type=int_with_underscores if name == "context_size" else str,
-                             help=f"{f.metadata['help']}, for analyze and eval (default: {f.default})")
+                             type=bounded_int(2) if name == "context_size" else str,
+                             help=f"{f.metadata['help'].split(' (default')[0]}, for analyze and eval (default: {f.default})")
     convert.set_defaults(func=cmd_pretrained_convert)
 
 
@@ -293,101 +367,117 @@ def cmd_explore(args: argparse.Namespace) -> None:
         serve(path, args.port)
 
 
-def add_analyze_parsers(sub: Any) -> None:
-    from mlsae_lens.analysis.layer_stats import WEIGHTINGS
-    from mlsae_lens.analyze import DEFAULT_PROMPT, AnalysisOptions
-
-    defaults = AnalysisOptions()
+def add_analyze_parser(sub: Any) -> None:
+    defaults = ANALYZE_DEFAULTS
     analyze = sub.add_parser(
-        "analyze", help="latent distributions over layers and residual-stream norms on the test split",
+        "analyze", help=COMMAND_HELP["analyze"],
         description="Stream a run's held-out test split through the model and its MLSAE: P(L|J), the "
         "Eq. 11/12 variance ratios, residual norms and adjacent-layer cosines (raw and centered; the "
         "centered pass re-reads the same tokens), a single-prompt heatmap. Writes stats.safetensors "
         "(saved periodically; --resume continues), metrics.json and report.html into RUN_DIR.")
     analyze.add_argument("run_dir", metavar="RUN_DIR", help="a training run's --output-dir")
-    analyze.add_argument("--tokens", type=int_with_underscores, default=defaults.tokens,
+    analyze.add_argument("--tokens", type=positive_int, default=defaults.tokens,
                          help="valid test tokens to analyse, capped at the test split (default: %(default)s)")
-    analyze.add_argument("--prompt", default=DEFAULT_PROMPT,
+    analyze.add_argument("--prompt", default=ANALYZE_PROMPT, type=nonempty_text,
                          help="prompt of the single-prompt heatmap (default: %(default)r)")
-    analyze.add_argument("--batch-size", type=int_with_underscores, default=None,
+    analyze.add_argument("--batch-size", type=positive_int, default=None,
                          help="contexts per model forward pass: memory and speed only (default: sized "
                          "from the free memory, logged and recorded in the output)")
-    analyze.add_argument("--weighting", choices=list(WEIGHTINGS), default=defaults.weighting,
+    analyze.add_argument("--weighting", choices=list(ANALYZE_WEIGHTINGS), default=defaults.weighting,
                          help="P(T|J): uniform over active tokens (the paper) or by activation mass "
                          "(the reference heatmaps) (default: %(default)s)")
-    analyze.add_argument("--centered-tokens", type=int_with_underscores, default=None,
+    analyze.add_argument("--centered-tokens", type=positive_int, default=None,
                          help="tokens of the centered second pass (default: all of the first pass)")
-    analyze.add_argument("--save-every-tokens", type=int_with_underscores, default=defaults.save_every_tokens,
+    analyze.add_argument("--save-every-tokens", type=positive_int, default=defaults.save_every_tokens,
                          help="save stats.safetensors every N tokens (default: %(default)s)")
     analyze.add_argument("--resume", action="store_true", help="continue a partial analysis in RUN_DIR")
     analyze.add_argument("--overwrite", action="store_true", help="discard a partial analysis and start over")
     analyze.add_argument("--top-contexts", action=argparse.BooleanOptionalAction, default=None,
                          help="collect every latent's top tokens per layer for `mlsae-lens explore` "
                          "(top_contexts.safetensors) (default: on when --tokens <= 1M)")
-    analyze.add_argument("--top-n", type=int_with_underscores, default=defaults.top_n,
+    analyze.add_argument("--top-n", type=positive_int, default=defaults.top_n,
                          help="tokens kept per latent and layer by --top-contexts (default: %(default)s)")
-    analyze.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
+    analyze.add_argument("--device", type=device_flag, default="auto",
+                         help="cpu, cuda, or auto (default: %(default)s)")
     analyze.set_defaults(func=cmd_analyze)
 
-    compare = sub.add_parser(
-        "compare", help="Eq. 11/12 bars and norm profiles of several analysed runs",
-        description="Draw the variance ratios (paper Fig. 5) and residual norm profiles of runs that "
-        "`mlsae-lens analyze` has processed into one HTML file.")
-    compare.add_argument("runs", nargs="+", metavar="RUN", help="analysed run directories")
-    compare.add_argument("--output", required=True, metavar="FILE.html", help="where to write the HTML")
-    compare.set_defaults(func=cmd_compare)
 
+def add_explore_parser(sub: Any) -> None:
     explore = sub.add_parser(
-        "explore", help="browse each latent's top contexts per layer in one offline HTML page",
+        "explore", help=COMMAND_HELP["explore"],
         description="Write a self-contained HTML explorer of an analysed run (needs the "
         "top_contexts.safetensors of `mlsae-lens analyze`): latents sorted by E[L|J], each with "
         "P(L|J), its activation frequency, top contexts per layer, decoder logit lens and "
         "co-appearing latents. Opens from a file:// URL with no network.")
     explore.add_argument("run_dir", metavar="RUN_DIR", help="an analysed run directory")
-    explore.add_argument("--output", default=None, metavar="FILE.html",
-                         help="where to write the page (default: RUN_DIR/explore.html)")
-    explore.add_argument("--max-latents", type=int_with_underscores, default=2000,
+    explore.add_argument(*output_flags("output"), dest="output", default=None, metavar="FILE.html", type=html_file,
+                         help="where to write the page; --output-dir is the same flag (default: RUN_DIR/explore.html)")
+    explore.add_argument("--max-latents", type=positive_int, default=2000,
                          help="cards for at most this many latents, the most frequently active "
                          "(default: %(default)s)")
-    explore.add_argument("--contexts-per-layer", type=int_with_underscores, default=8,
+    explore.add_argument("--contexts-per-layer", type=positive_int, default=8,
                          help="top contexts per layer on the page (default: %(default)s)")
     explore.add_argument("--serve", action="store_true",
                          help="then serve the page on http://127.0.0.1:PORT/ until Ctrl-C")
-    explore.add_argument("--port", type=int, default=8000, help="port of --serve (default: %(default)s)")
+    explore.add_argument("--port", type=port_number, default=8000, help="port of --serve, 1-65535 (default: %(default)s)")
     explore.set_defaults(func=cmd_explore)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mlsae-lens",
-        description="Train and analyse Multi-Layer SAEs on every layer of a TransformerLens model.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    train = sub.add_parser("train", help="train an MLSAE on every layer's residual stream",
+def add_train_parser(sub: Any) -> None:
+    train = sub.add_parser("train", help=COMMAND_HELP["train"],
                            description="Train an MLSAE; writes cfg.json + sae_weights.safetensors (SAELens format), "
                            "checkpoints and training_log.json into --output-dir.")
     add_config_flags(train)
     train.set_defaults(func=cmd_train)
 
-    demo = sub.add_parser("demo", help="train a small MLSAE on the embedded model and corpus, evaluate it, write the report",
+
+def add_demo_parser(sub: Any) -> None:
+    demo = sub.add_parser("demo", help=COMMAND_HELP["demo"],
                           description="End to end on the embedded model (offline): train, evaluate on the held-out "
                           "split against a rank-k PCA floor, and write report.html.")
     add_config_flags(demo, DEMO_DEFAULTS)
-    demo.add_argument("--eval-tokens", type=int_with_underscores, default=2048,
+    demo.add_argument("--eval-tokens", type=positive_int, default=2048,
                       help="held-out tokens for the evaluation and the analysis (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
-    add_analyze_parsers(sub)
-    add_eval_parser(sub)
-    add_cache_parser(sub)
-    add_train_lens_parser(sub)
-    add_pretrained_parser(sub)
+
+
+SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
+    "train": add_train_parser, "demo": add_demo_parser, "analyze": add_analyze_parser,
+    "compare": add_compare_parser, "explore": add_explore_parser, "eval": add_eval_parser,
+    "cache": add_cache_parser, "train-lens": add_train_lens_parser, "pretrained": add_pretrained_parser,
+}
+
+
+def build_parser(command: str | None = None) -> ArgumentParser:
+    """The whole parser, or (``command`` given) only that subcommand's in full and the others
+    as one help line each: some subcommands' defaults import torch, ``--help`` should not."""
+    parser = ArgumentParser(
+        prog="mlsae-lens",
+        description="Train and analyse Multi-Layer SAEs on every layer of a TransformerLens model. "
+        "Every output flag may be spelled --output or --output-dir.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, add_parser in SUBCOMMANDS.items():
+        if command in (None, name):
+            add_parser(sub)
+        else:
+            sub.add_parser(name, help=COMMAND_HELP[name])
     return parser
 
 
+def chosen_command(argv: Sequence[str]) -> str:
+    """The subcommand of ``argv`` (top-level flags take no values), or '' when none is known."""
+    first = next((arg for arg in argv if not arg.startswith("-")), "")
+    return first if first in SUBCOMMANDS else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser(chosen_command(argv)).parse_args(argv)
+    except SystemExit as exc:  # --help, or argparse's one-line error: returned like every other outcome
+        return int(exc.code or 0)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

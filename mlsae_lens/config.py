@@ -4,11 +4,16 @@ The CLI builds its flags from these fields (help text from each field's ``help``
 option needs one line here. Cross-field checks raise :class:`MLSAEError` with the fix.
 """
 
+import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from mlsae_lens.errors import MLSAEError
-from mlsae_lens.normalization import NORMALIZATION_MODES, NormalizationMode
+
+# Spelled out here rather than imported from mlsae_lens.normalization: this module is read by
+# `mlsae-lens --help`, which must not import torch (tests/test_cli.py checks both agree).
+NormalizationMode = Literal["standardize", "center", "none"]
+NORMALIZATION_MODES: tuple[str, ...] = get_args(NormalizationMode)
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 EMBEDDED_CORPUS = "embedded"
@@ -32,7 +37,9 @@ class MultiLayerRunnerConfig:
         "corpus: 'embedded' (English text shipped with Python), a local .txt/.jsonl/.parquet "
         "file or directory, or a Hugging Face dataset name (streamed; needs the hub)",
     )
-    text_column: str | None = option(None, "text column of a jsonl/parquet/hub dataset")
+    text_column: str | None = option(
+        None, "text column of a jsonl/parquet/hub dataset (default: 'text', else the only string column)"
+    )
     context_size: int = option(128, "tokens per context")
     test_fraction: float = option(0.1, "fraction of contexts held out as the test split")
     max_corpus_tokens: int | None = option(
@@ -66,7 +73,7 @@ class MultiLayerRunnerConfig:
     )
     model_batch_size: int | None = option(
         None,
-        "contexts per model forward pass (memory and speed only, not what is trained); None: "
+        "contexts per model forward pass (memory and speed only, not what is trained) (default: "
         "sized from the device's free memory, logged and recorded in run.json (a resumed run "
         "reuses the recorded value)",
     )
@@ -87,7 +94,7 @@ class MultiLayerRunnerConfig:
         "a latent is dead after this many tokens without firing at any layer "
         "(default: min(10M, training_tokens // 10); 10M is Gao et al.'s choice)",
     )
-    aux_k: int | None = option(None, "dead latents in the AuxK loss (default d_model // 2)")
+    aux_k: int | None = option(None, "dead latents in the AuxK loss (default: d_model // 2)")
     aux_coefficient: float = option(1 / 32, "AuxK loss coefficient (Gao et al.: 1/32)")
     center_estimation_tokens: int = option(
         10_000, "tokens used to estimate the per-layer means for --normalization center"
@@ -122,17 +129,72 @@ class MultiLayerRunnerConfig:
             ),
             (self.context_size >= 2, f"--context-size must be at least 2, got {self.context_size}"),
             (
-                0 < self.test_fraction < 1,
+                finite(self.test_fraction) and 0 < self.test_fraction < 1,
                 f"--test-fraction must be between 0 and 1, got {self.test_fraction}",
             ),
-            (self.training_tokens > 0, "--training-tokens must be positive"),
+            (self.training_tokens > 0, f"--training-tokens must be positive, got {self.training_tokens}"),
             (self.batch_size_tokens > 0, "--batch-size-tokens must be positive"),
             (self.contexts_per_chunk > 0, "--contexts-per-chunk must be positive"),
             (
                 self.model_batch_size is None or self.model_batch_size > 0,
                 f"--model-batch-size must be positive, got {self.model_batch_size}",
             ),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (finite(self.lr) and self.lr > 0, f"--lr must be a positive finite number, got {self.lr}"),
+            (
+                finite(self.adam_eps) and self.adam_eps >= 0,
+                f"--adam-eps must be a finite number >= 0, got {self.adam_eps}",
+            ),
+            (
+                finite(self.adam_beta1) and 0 <= self.adam_beta1 < 1,
+                f"--adam-beta1 must be in [0, 1) (e.g. 0.9), got {self.adam_beta1}",
+            ),
+            (
+                finite(self.adam_beta2) and 0 <= self.adam_beta2 < 1,
+                f"--adam-beta2 must be in [0, 1) (e.g. 0.999), got {self.adam_beta2}",
+            ),
+            (
+                self.lr_warm_up_steps >= 0,
+                f"--lr-warm-up-steps must be 0 or more, got {self.lr_warm_up_steps}",
+            ),
+            (
+                self.dead_tokens_threshold is None or self.dead_tokens_threshold > 0,
+                f"--dead-tokens-threshold must be positive, got {self.dead_tokens_threshold}",
+            ),
+            (self.aux_k is None or self.aux_k > 0, f"--aux-k must be positive, got {self.aux_k}"),
+            (
+                finite(self.aux_coefficient) and self.aux_coefficient >= 0,
+                f"--aux-coefficient must be a finite number >= 0 (0 turns AuxK off), got {self.aux_coefficient}",
+            ),
+            (
+                self.center_estimation_tokens > 0,
+                f"--center-estimation-tokens must be positive, got {self.center_estimation_tokens}",
+            ),
+            (
+                self.checkpoint_every_tokens is None or self.checkpoint_every_tokens > 0,
+                f"--checkpoint-every-tokens must be positive, got {self.checkpoint_every_tokens}; "
+                "omit it for a checkpoint every quarter of the run",
+            ),
+            (
+                self.log_every_steps > 0,
+                f"--log-every-steps must be positive, got {self.log_every_steps}",
+            ),
+            (
+                self.max_corpus_tokens is None or self.max_corpus_tokens > 0,
+                f"--max-corpus-tokens must be positive, got {self.max_corpus_tokens}; omit it to read the whole corpus",
+            ),
+            # The data order seeds generators with seed * 1_000_003 + chunk, which must fit 64 bits.
+            (0 <= self.seed < 2**32, f"--seed must be between 0 and {2**32 - 1}, got {self.seed}"),
+            (bool(str(self.output_dir).strip()), "--output-dir must name a directory, got ''"),
+            (bool(self.model_name.strip()), "--model-name is empty; name a model, e.g. SmolLM2-135M-Instruct"),
+            (bool(self.dataset.strip()), "--dataset is empty; pass 'embedded', a file or directory, or a dataset name"),
+            (
+                self.text_column is None or bool(self.text_column.strip()),
+                "--text-column is empty; name a column or omit the flag",
+            ),
+            (
+                self.activation_cache is None or bool(self.activation_cache.strip()),
+                "--activation-cache is empty; name a directory written by `mlsae-lens cache` or omit the flag",
+            ),
             (
                 self.normalization in NORMALIZATION_MODES,
                 f"--normalization must be one of {NORMALIZATION_MODES}, got {self.normalization!r}",
@@ -153,6 +215,9 @@ class MultiLayerRunnerConfig:
         for ok, message in checks:
             if not ok:
                 raise MLSAEError(message)
+        # Availability is checked where the run starts (the CLI, resolve_device): a run.json written
+        # on a GPU machine must still load on a CPU-only one for analyze and eval.
+        check_device(self.device, require_available=False)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -188,6 +253,35 @@ class MultiLayerRunnerConfig:
         if self.checkpoint_every_tokens is not None:
             return self.checkpoint_every_tokens
         return max(1, self.training_tokens // 4)
+
+
+def finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_device(device: str, require_available: bool = True) -> None:
+    """Refuse a device string torch cannot parse (``tpu``, ``cuda:x``) or (``require_available``)
+    CUDA where there is none, before anything loads. ``auto`` picks CUDA when available."""
+    if device == "auto":
+        return
+    import torch  # here, not at the top: `mlsae-lens --help` reads this module
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise MLSAEError(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise MLSAEError(f"--device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
+    if not require_available:
+        return
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MLSAEError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise MLSAEError(f"--device {device}: this machine has {n} CUDA device(s); use cuda:0 to cuda:{n - 1}")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise MLSAEError(f"--device {device} was asked for but MPS is not available; use --device cpu")
 
 
 # Fields that may differ when resuming a run: they do not change what was trained so far.

@@ -448,3 +448,15 @@ def steering_hook(
 
     return view.cfg.metadata.hook_name, hook_fn
 
+
+
+# One layer of an MLSAE as a single-hook SAE, registered where it is defined (see sae.py).
+def _register_with_sae_lens() -> None:
+    from sae_lens import register_sae_class
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    if LAYER_VIEW_ARCHITECTURE not in SAE_CLASS_REGISTRY:
+        register_sae_class(LAYER_VIEW_ARCHITECTURE, LayerViewSAE, LayerViewSAEConfig)
+
+
+_register_with_sae_lens()

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from sae_lens import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig
+from sae_lens import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig, register_sae_class, register_sae_training_class
+from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
 from torch import Tensor, nn
 from typing_extensions import override
@@ -685,3 +686,13 @@ def geometric_median(points: Tensor, max_iter: int = 100, tol: float = 1e-6) -> 
             break
         median = new
     return median.float()
+
+
+# Registered where the classes are defined, so SAELens knows the architecture whichever module is
+# imported first (mlsae_lens/__init__.py imports this one once SAELens is imported). The Saved*
+# config classes are what SAELens' loaders build: a cfg.json without standardize_convention loads
+# as "legacy" (see above).
+if ARCHITECTURE not in SAE_CLASS_REGISTRY:
+    register_sae_class(ARCHITECTURE, MultiLayerSAE, SavedMultiLayerSAEConfig)
+if ARCHITECTURE not in SAE_TRAINING_CLASS_REGISTRY:
+    register_sae_training_class(ARCHITECTURE, MultiLayerTrainingSAE, SavedMultiLayerTrainingSAEConfig)

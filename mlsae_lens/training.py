@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from sae_lens.saes.sae import SAEMetadata, TrainStepInput
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mlsae_lens import sparse_ops
@@ -66,6 +65,7 @@ from mlsae_lens.run_dir import (  # noqa: F401 - prepare_output_dir re-exported
     prepare_output_dir,
     resolve_output_dir,
 )
+from mlsae_lens.progress import HarvestInterrupted, TrainingProgress, watch_harvest
 from mlsae_lens.sae import MultiLayerTrainingSAE, MultiLayerTrainingSAEConfig
 
 logger = logging.getLogger(__name__)
@@ -351,6 +351,15 @@ class MultiLayerSAETrainingRunner:
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self._stop_signal = signum
 
+    def _interrupted(self) -> None:
+        """Checkpoint the last completed step (a stop mid-harvest loses no step) and stop."""
+        path = self.checkpoint()
+        raise MLSAEError(
+            f"interrupted by signal {self._stop_signal or 'on another rank'} at {self.state.tokens} tokens; "
+            f"checkpoint saved to {path}; continue with `mlsae-lens train --output-dir {self.out} --resume` "
+            "and the same settings"
+        )
+
     def _stop_requested(self) -> bool:
         """A signal on any rank stops all of them at the same step."""
         if not self.dist.enabled:
@@ -390,43 +399,41 @@ class MultiLayerSAETrainingRunner:
             )
 
         batches = self.stream.batches(self.state.chunk, self.state.batch_in_chunk)
+        progress = TrainingProgress(cfg.training_tokens, self.state.tokens)
+        # Under torchrun the ranks must stop at the same step, so only one process stops mid-harvest.
+        harvest = watch_harvest(self.stream, progress, lambda: self._stop_signal is not None and not self.dist.enabled)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         wandb_run = self._maybe_wandb()
         next_checkpoint = (self.state.tokens // cfg.effective_checkpoint_every_tokens + 1) * cfg.effective_checkpoint_every_tokens
         started = time.perf_counter()
-        start_tokens = self.state.tokens
         # Wall time is logged cumulatively across resumes (eval's training-time column reads it).
         seconds_before = float(self.state.log[-1].get("seconds", 0.0)) if self.state.log else 0.0
         try:
-            with tqdm(total=cfg.training_tokens, initial=self.state.tokens, desc="training", unit="tok") as bar:
+            with progress, harvest:
                 while self.state.tokens < cfg.training_tokens:
-                    chunk, index, batch = next(batches)
+                    try:
+                        chunk, index, batch = next(batches)
+                    except HarvestInterrupted:
+                        self._interrupted()
                     if self.state.step == 0:
                         self.initialize(batch)
                     metrics = self.step(local_rows(batch))  # the whole batch in one process
                     self.state.step += 1
                     self.state.tokens += batch.shape[0]
                     self.state.chunk, self.state.batch_in_chunk = chunk, index + 1
-                    bar.update(batch.shape[0])
+                    progress.advance(self.state.tokens)
                     if self.state.step % cfg.log_every_steps == 0 or self.state.tokens >= cfg.training_tokens:
-                        rate = (self.state.tokens - start_tokens) / max(1e-9, time.perf_counter() - started)
                         seconds = seconds_before + time.perf_counter() - started
                         record = {"step": self.state.step, "tokens": self.state.tokens, "seconds": round(seconds, 3), **metrics}
                         self.state.log.append(record)
-                        bar.set_postfix(tok_s=f"{rate:.0f}", loss=f"{metrics['loss']:.3f}", fvu=f"{metrics['fvu']:.3f}",
-                                        l0=f"{metrics['l0']:.1f}", dead=f"{metrics['dead_fraction']:.2f}")
+                        progress.metrics(metrics)
                         if wandb_run is not None:
                             wandb_run.log(record, step=self.state.step)
                     if self.state.tokens >= next_checkpoint and self.state.tokens < cfg.training_tokens:
                         self.checkpoint()
                         next_checkpoint += cfg.effective_checkpoint_every_tokens
                     if self._stop_requested():
-                        path = self.checkpoint()
-                        raise MLSAEError(
-                            f"interrupted by signal {self._stop_signal or 'on another rank'} at {self.state.tokens} tokens; "
-                            f"checkpoint saved to {path}; continue with `mlsae-lens train --output-dir {self.out} --resume` "
-                            "and the same settings"
-                        )
+                        self._interrupted()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)

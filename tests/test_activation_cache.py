@@ -42,6 +42,11 @@ def test_the_cache_yields_the_live_streams_batches_and_trains_the_same_sae(tmp_p
     assert sum(s["rows"] for s in manifest["shards"]) == int((tiny_splits().train != 0).sum())
 
 
+def shard_context(cache: Path, shard: int) -> int:
+    """A training context held by the given shard (shards hold contexts in the stream's order)."""
+    return json.loads((cache / MANIFEST).read_text())["shards"][shard]["context_ids"][0]
+
+
 def copy_cache(cache_dir: Path, tmp_path: Path) -> Path:
     import shutil
 
@@ -60,7 +65,7 @@ def test_a_corrupted_or_truncated_shard_is_named(tmp_path, cache_dir) -> None:
             stream.harvest_chunk(chunk)
     shard.write_bytes(bytes(data[:100]))
     with pytest.raises(MLSAEError, match="shard_00001.safetensors is missing or truncated"):
-        runner(tmp_path / "b", cache).stream.context_rows(15)
+        runner(tmp_path / "b", cache).stream.context_rows(shard_context(cache, 1))
 
 
 def test_a_cache_of_another_model_or_corpus_is_refused(tmp_path, cache_dir) -> None:
@@ -99,7 +104,7 @@ def test_a_pickle_in_place_of_a_shard_is_refused(tmp_path, cache_dir) -> None:
     manifest["shards"][0]["bytes"] = shard.stat().st_size
     (cache / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(MLSAEError, match="is a pickle/torch.save file"):
-        runner(tmp_path / "a", cache).stream.context_rows(0)
+        runner(tmp_path / "a", cache).stream.context_rows(shard_context(cache, 0))
 
 
 def test_a_missing_cache_or_an_existing_one_is_named(tmp_path, cache_dir) -> None:
@@ -117,3 +122,51 @@ def test_cache_files_get_the_umask_mode_like_every_other_file(cache_dir) -> None
     for path in cache_dir.rglob("*"):  # the root is pytest's own (0700) directory
         want = (0o777 if path.is_dir() else 0o666) & ~umask
         assert path.stat().st_mode & 0o777 == want, path
+def test_the_cache_holds_only_what_its_token_budget_reads_and_says_its_size_first(tmp_path, caplog) -> None:
+    budget = 15 * 4
+    with caplog.at_level("INFO", logger="mlsae_lens"):
+        cache = write_activation_cache(tiny_config(tmp_path / "unused", training_tokens=budget), tmp_path / "c",
+                                       model=tiny_model(), splits=tiny_splits(), contexts_per_shard=3)
+    manifest = json.loads((cache / MANIFEST).read_text())
+    held = [c for shard in manifest["shards"] for c in shard["context_ids"]]
+    assert 0 < len(held) < tiny_splits().train.shape[0] and len(set(held)) == len(held)
+    (announced,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("activation cache:")]
+    rows = sum(s["rows"] for s in manifest["shards"])
+    assert f"{len(held)} of {tiny_splits().train.shape[0]} training contexts ({rows} tokens" in announced
+    acts_bytes = rows * 2 * 16 * 4  # rows x n_layers x d_model x float32
+    assert acts_bytes <= sum(s["bytes"] for s in manifest["shards"]) < acts_bytes * 1.5 + 4096
+
+    # A run within the budget trains from it like the live stream; a larger one is refused up front.
+    def budget_runner(out: Path, tokens: int, cache: Path | None = None) -> MultiLayerSAETrainingRunner:
+        cfg = tiny_config(out, training_tokens=tokens, activation_cache=str(cache) if cache else None)
+        return MultiLayerSAETrainingRunner(cfg, model=tiny_model(), splits=tiny_splits())
+
+    live = budget_runner(tmp_path / "live", budget)
+    cached = budget_runner(tmp_path / "cached", budget, cache)
+    live.run()
+    cached.run()
+    a = load_file(tmp_path / "live" / "sae_weights.safetensors")
+    b = load_file(tmp_path / "cached" / "sae_weights.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(MLSAEError, match=f"holds {len(held)} of the .* this run needs .* --training-tokens 600"):
+        budget_runner(tmp_path / "more", 600, cache)
+
+
+def test_a_cache_larger_than_the_free_disk_is_refused_before_writing(tmp_path, monkeypatch) -> None:
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(MLSAEError, match=r"the activation cache needs .* kB but .* has 1.0 kB free; lower "
+                                         r"--training-tokens or choose another --output"):
+        write_activation_cache(tiny_config(tmp_path / "unused"), tmp_path / "c", model=tiny_model(),
+                               splits=tiny_splits())
+    assert not (tmp_path / "c").exists()
+
+
+def test_cache_output_that_is_a_file_is_named(tmp_path) -> None:
+    (tmp_path / "f").write_text("")
+    with pytest.raises(MLSAEError, match="--output .*f is a file; choose a directory"):
+        write_activation_cache(tiny_config(tmp_path / "unused"), tmp_path / "f", model=tiny_model(),
+                               splits=tiny_splits())

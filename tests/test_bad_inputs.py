@@ -192,7 +192,8 @@ def test_a_second_concurrent_training_run_gets_a_clear_message_and_writes_nothin
 
 def test_cache_command_refuses_bad_settings_before_writing(tmp_path, capsys) -> None:
     assert main(["cache", "--output", str(tmp_path / "c"), "--contexts-per-shard", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "mlsae-lens: error: --contexts-per-shard must be positive"
+    assert capsys.readouterr().err.strip() == ("mlsae-lens cache: error: argument --contexts-per-shard: must be "
+                                               "positive, got 0 (see mlsae-lens cache --help)")
     assert not (tmp_path / "c").exists()
 
 

@@ -239,7 +239,7 @@ def test_eval_cli_rejects_bad_input_with_one_line(tmp_path, run_dir, capsys) -> 
     assert main(["eval", str(tmp_path)]) == 2
     assert "not an mlsae-lens run directory" in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--tokens", "0"]) == 2
-    assert "--tokens must be a positive integer" in capsys.readouterr().err
+    assert "argument --tokens: must be positive, got 0" in capsys.readouterr().err  # argparse, before any load
 
 
 def test_downstream_reads_only_the_contexts_its_budget_needs(tiny_model, tiny_splits) -> None:
