@@ -118,6 +118,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         top_contexts=args.top_contexts,
         top_n=args.top_n,
+        skip_first_position=args.skip_first_position,
     )
     analyze_run(Path(args.run_dir), options, device=resolve_device(args.device))
     print(f"report: {Path(args.run_dir) / 'report.html'}")
@@ -326,6 +327,9 @@ def add_analyze_parsers(sub: Any) -> None:
                          "(top_contexts.safetensors) (default: on when --tokens <= 1M)")
     analyze.add_argument("--top-n", type=int_with_underscores, default=defaults.top_n,
                          help="tokens kept per latent and layer by --top-contexts (default: %(default)s)")
+    analyze.add_argument("--skip-first-position", action="store_true",
+                         help="leave each context's first position out of the residual norms, layer "
+                         "means and cosines (an outlier in packed contexts without BOS)")
     analyze.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
     analyze.set_defaults(func=cmd_analyze)
 
