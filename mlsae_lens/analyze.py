@@ -71,7 +71,8 @@ from mlsae_lens.figures import (
 )
 from mlsae_lens.report import ReportSection, table_html, write_report
 from mlsae_lens.sae import MultiLayerMixin
-from mlsae_lens.topk_contexts import TopContexts, valid_token_positions
+from mlsae_lens.activation_samples import LatentContexts
+from mlsae_lens.topk_contexts import valid_token_positions
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +159,8 @@ class AnalysisStats:
     layer: LayerDistributionStats
     resid: ResidualNormStats
     progress: dict[str, Any] = field(default_factory=dict)
-    top: TopContexts | None = None
-    """Top contexts (``mlsae-lens explore``), saved beside as ``top_contexts.safetensors``
+    top: LatentContexts | None = None
+    """Top contexts, samples and histograms (``mlsae-lens explore``), saved beside as ``top_contexts.safetensors``
     with every save; :meth:`load` leaves it ``None`` (``explorer.load_top_contexts`` reads it)."""
     ref: ReferenceRatioStats | None = None
     """Eq. 11/12 as the reference code estimates them (per 2,048-token batch); ``None`` in

@@ -344,15 +344,16 @@ def add_analyze_parsers(sub: Any) -> None:
     explore = sub.add_parser(
         "explore", help="browse each latent's top contexts per layer in one offline HTML page",
         description="Write a self-contained HTML explorer of an analysed run (needs the "
-        "top_contexts.safetensors of `mlsae-lens analyze`): latents sorted by E[L|J], each with "
-        "P(L|J), its activation frequency, top contexts per layer, decoder logit lens and "
-        "co-appearing latents. Opens from a file:// URL with no network.")
+        "top_contexts.safetensors of `mlsae-lens analyze`): every active latent, sortable and "
+        "filterable by peak layer, E[L|J], Var(L|J) and density, each with P(L|J), an activation "
+        "histogram, top contexts and quantile samples per layer, logit effects through the final "
+        "norm and co-appearing latents. Opens from a file:// URL with no network.")
     explore.add_argument("run_dir", metavar="RUN_DIR", help="an analysed run directory")
     explore.add_argument("--output", default=None, metavar="FILE.html",
                          help="where to write the page (default: RUN_DIR/explore.html)")
-    explore.add_argument("--max-latents", type=int_with_underscores, default=2000,
+    explore.add_argument("--max-latents", type=int_with_underscores, default=None,
                          help="cards for at most this many latents, the most frequently active "
-                         "(default: %(default)s)")
+                         "(default: every active latent)")
     explore.add_argument("--contexts-per-layer", type=int_with_underscores, default=8,
                          help="top contexts per layer on the page (default: %(default)s)")
     explore.add_argument("--serve", action="store_true",
