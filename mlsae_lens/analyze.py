@@ -819,11 +819,11 @@ def _evaluation_section(data: dict[str, Any]) -> ReportSection:
 
 _FIRST_POSITION_NOTE = (
     "<p>Why the centered norm can exceed the raw norm at middle layers: the first position of "
-    "each packed context (SmolLM2 has no BOS token, so this is whatever token starts the "
-    "context) carries a residual vector far larger than every other position's, so it "
-    "dominates the layer mean μ<sub>l</sub>, and subtracting μ<sub>l</sub> adds a large, "
-    "nearly constant vector to every ordinary token (only the RMS centered norm is bounded by "
-    "the raw RMS norm, not the mean norm).</p>"
+    "each packed context (in SmolLM2, which has no BOS token, whatever token starts the "
+    "context) carries a residual vector far larger than every other position's (~23,600 vs "
+    "~150 at SmolLM2's layers 11–27), so it dominates the layer mean μ<sub>l</sub>, and "
+    "subtracting μ<sub>l</sub> adds a large, nearly constant vector to every ordinary token "
+    "(only the RMS centered norm is bounded by the raw RMS norm, not the mean norm).</p>"
 )
 
 

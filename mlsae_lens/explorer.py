@@ -59,7 +59,7 @@ LOGIT_LENS_TOKENS = 10
 SAMPLES_PER_LAYER = 8
 """Quantile samples kept per (latent, layer) (:mod:`mlsae_lens.activation_samples`)."""
 LOGIT_EFFECTS = (
-    "logit effects: (ln_final(d_j) - ln_final(0)) @ W_U minus its mean over the vocabulary, "
+    "(ln_final(d_j) - ln_final(0)) @ W_U minus its mean over the vocabulary, "
     "for the unit decoder row d_j (the logits of a unit-RMS residual along d_j, through the "
     "model's final norm; the same for folded and unfolded norms)"
 )

@@ -121,13 +121,13 @@ function searchText(r) {
 
 // ------------------------------------------------------------------ charts
 
-function axes(svg, x0, y0, w, h, yMax, yLabel, xLabel) {
+function axes(svg, x0, y0, w, h, yMax, yLabel, xLabel, yFmt = fmt) {
   svg.append(sv("line", {"class": "axis", x1: x0, y1: y0, x2: x0 + w, y2: y0}));
   svg.append(sv("line", {"class": "axis", x1: x0, y1: y0, x2: x0, y2: y0 - h}));
   for (const f of [0, 0.5, 1]) {
     const y = y0 - f * h;
     svg.append(sv("line", {"class": "axis", x1: x0 - 3, y1: y, x2: x0, y2: y}));
-    svg.append(sv("text", {x: x0 - 5, y: y + 3, "text-anchor": "end"}, fmt(f * yMax)));
+    svg.append(sv("text", {x: x0 - 5, y: y + 3, "text-anchor": "end"}, yFmt(f * yMax)));
   }
   svg.append(sv("text", {x: 10, y: y0 - h / 2, transform: "rotate(-90 10 " + (y0 - h / 2) + ")",
     "text-anchor": "middle"}, yLabel));
@@ -170,7 +170,8 @@ function histChart(c, layer) {
   const W = 400, H = 140, x0 = 46, y0 = 106, w = W - x0 - 8, h = 86, bw = w / counts.length;
   const svg = sv("svg", {width: W, height: H, "class": "hist"});
   const maxC = Math.max(...counts, 1);
-  axes(svg, x0, y0, w, h, maxC, "tokens", "activation at layer " + layer + " (log scale; " + total + " tokens)");
+  axes(svg, x0, y0, w, h, maxC, "tokens", "activation at layer " + layer + " (log scale; " + total + " tokens)",
+    (x) => String(Math.round(x)));
   counts.forEach((n, i) => {
     const bh = (n / maxC) * h;
     const r = sv("rect", {x: x0 + i * bw + 0.5, width: Math.max(1, bw - 1), y: y0 - bh, height: bh, "class": "hbar"});
@@ -182,7 +183,8 @@ function histChart(c, layer) {
   const ticks = Math.min(counts.length, 4);
   for (let t = 0; t <= ticks; t++) {
     const i = Math.round((t / ticks) * counts.length);
-    svg.append(sv("text", {x: x0 + i * bw, y: y0 + 12, "text-anchor": "middle"}, fmt(edge(first + i))));
+    const anchor = t === 0 ? "start" : t === ticks ? "end" : "middle";
+    svg.append(sv("text", {x: x0 + i * bw, y: y0 + 12, "text-anchor": anchor}, fmt(edge(first + i))));
   }
   return svg;
 }
