@@ -175,6 +175,14 @@ def test_skip_first_position_drops_position_zero_from_the_norm_statistics(
         analyze(run_dir, tiny_model, tiny_splits, tokens=1000, resume=True)
 
 
+def test_cli_passes_skip_first_position_to_the_analysis() -> None:
+    from mlsae_lens.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["analyze", "RUN", "--skip-first-position"]).skip_first_position
+    assert not parser.parse_args(["analyze", "RUN"]).skip_first_position
+
+
 def test_token_budget_is_capped_at_the_test_split(run_dir, tiny_model, tiny_splits) -> None:
     metrics = analyze(run_dir, tiny_model, tiny_splits, tokens=10_000_000)
     assert metrics["layer_distribution"]["n_tokens"] == 120
