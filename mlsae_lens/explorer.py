@@ -1,24 +1,26 @@
 """The latent explorer: what each MLSAE latent responds to, layer by layer, offline.
 
-``mlsae-lens analyze`` collects the top-N activating test tokens of every (latent, layer) pair
-in its streaming pass (:class:`~mlsae_lens.topk_contexts.TopContexts`) and saves them to
+``mlsae-lens analyze`` collects, for every (latent, layer) pair, the top-N activating test tokens,
+a uniform sample of its active tokens and a histogram of its activations in its streaming pass
+(:class:`~mlsae_lens.activation_samples.LatentContexts`) and saves them to
 ``top_contexts.safetensors`` beside ``stats.safetensors``, with the same progress, so
 ``--resume`` continues both. When the pass ends the file is completed with what the explorer
 needs to stand alone, without the model or the corpus:
 
-* the test contexts that hold a collected token (token ids), so windows can be cut at any width;
-* each decoder row's logit lens ``W_dec[j] @ W_U`` (top 10 positive and negative tokens);
+* the test contexts that hold a collected or sampled token (token ids), so windows can be cut
+  at any width;
+* each decoder row's logit effects through the model's final norm (top 10 positive and
+  negative tokens with values; :func:`~mlsae_lens.topk_contexts.decoder_logit_lens`);
 * the strings of every token id it mentions.
 
-:class:`Explorer` reads it together with P(L|J) and activation frequencies from
+:class:`Explorer` reads it together with P(L|J), Var(L|J) and activation frequencies from
 ``stats.safetensors`` (``Explorer.from_run(run_dir).top_contexts(latent, layer)`` in a
 notebook), and :meth:`Explorer.write_html` writes one self-contained page (inline JS and JSON
-data; no network) for ``mlsae-lens explore``.
+data; no network; :mod:`mlsae_lens.explorer_page`) for ``mlsae-lens explore``.
 """
 
 from __future__ import annotations
 
-import html
 import http.server
 import json
 import logging
@@ -31,10 +33,10 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from mlsae_lens.activation_samples import LatentContexts, quantile_of
 from mlsae_lens.analysis.layer_stats import read_safetensors, write_safetensors
 from mlsae_lens.atomic import atomic_write_text
 from mlsae_lens.errors import MLSAEError
-from mlsae_lens.activation_samples import LatentContexts, quantile_of
 from mlsae_lens.explorer_page import render_page
 from mlsae_lens.topk_contexts import (
     EMPTY_POSITION,
