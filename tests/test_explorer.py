@@ -335,6 +335,21 @@ def test_cli_explore_writes_a_page_holding_every_active_latent(analysed, capsys)
     assert main(["explore", str(analysed.parent / "nope")]) == 2
 
 
+def test_files_written_before_samples_still_open(analysed, tmp_path) -> None:
+    from mlsae_lens.analysis.layer_stats import read_safetensors, write_safetensors
+
+    path = analysed / TOP_CONTEXTS_FILE
+    tensors, meta = read_safetensors(path, "mlsae_lens.TopContexts/1")
+    old = {k: v for k, v in tensors.items() if not k.startswith(("sample_", "hist_"))}
+    write_safetensors(path, old, "mlsae_lens.TopContexts/1", meta)
+    explorer = Explorer.from_run(analysed)
+    assert explorer.samples is None and explorer.quantile_samples(0, 0) == []
+    with pytest.raises(MLSAEError, match="before histograms were collected"):
+        explorer.histogram(0, 0)
+    data = page_json(explorer.write_html(tmp_path / "old.html"))
+    assert data["sample_n"] == 0 and all(not c["smp"] and not c["hist"] for c in data["cards"])
+
+
 def test_quantile_samples_are_active_tokens_sorted_with_their_quantiles(analysed) -> None:
     explorer = Explorer.from_run(analysed)
     latent, layer = (explorer.samples.positions[:, :, 2] >= 0).nonzero()[0].tolist()
