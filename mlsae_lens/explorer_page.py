@@ -354,7 +354,7 @@ document.getElementById("summary").append(
     D.sample_n + " quantile samples per layer."),
   el("p", {"class": "note"}, "P(L|J): the latent's distribution over layers (Eq. 10, 0-based layers); peak layer: its mode. " +
     "Density: the fraction of analysed tokens where the latent is active at some layer. Histogram: the latent's " +
-    "activations at the chosen layer in log-spaced bins (8 per decade; the end bins are open). Logit effects: " + D.logit_note + ". " +
+    "activations at the chosen layer in log-spaced bins (" + D.hist.per_decade + " per decade; the end bins are open). Logit effects: " + D.logit_note + ". " +
     "Co-appearing latents: how often another latent's own top tokens include the same token at the same layer " +
     "(among collected contexts only). Search by latent id or token text; #latent=ID in the URL searches too, and e.g. #sort=peak&peak-min=3 sets the controls."));
 document.getElementById("search").addEventListener("input", (e) => {

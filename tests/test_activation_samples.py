@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mlsae_lens.activation_samples import (
+    BINS_PER_DECADE,
     N_BINS,
     ActivationHistogram,
     LatentContexts,
@@ -32,7 +33,7 @@ def random_codes(n_tokens: int, seed: int):
 def brute_force_histogram(indices, values) -> torch.Tensor:
     counts = torch.zeros(N_LATENTS, N_LAYERS, N_BINS, dtype=torch.int32)
     for t, l, s in torch.nonzero(values > 0).tolist():
-        b = math.floor((math.log10(float(values[t, l, s])) + 3) * 8)
+        b = math.floor((math.log10(float(values[t, l, s])) + 3) * BINS_PER_DECADE)
         counts[indices[t, l, s], l, min(max(b, 0), N_BINS - 1)] += 1
     return counts
 
@@ -55,10 +56,11 @@ def test_histogram_equals_brute_force_streamed_and_merged() -> None:
 
 def test_quantile_of_interpolates_within_a_bin() -> None:
     counts = torch.zeros(N_BINS, dtype=torch.int32)
-    counts[24] = 3  # [1, 10**(1/8))
-    counts[30] = 1
+    one = 3 * BINS_PER_DECADE  # the bin [1, 10**(1/BINS_PER_DECADE))
+    counts[one] = 3
+    counts[one + 6] = 1
     assert quantile_of(counts, 1.0) == pytest.approx(0.0)
-    assert quantile_of(counts, 10 ** (0.5 / 8)) == pytest.approx(1.5 / 4)
+    assert quantile_of(counts, 10 ** (0.5 / BINS_PER_DECADE)) == pytest.approx(1.5 / 4)
     assert quantile_of(counts, 1e6) == pytest.approx(1.0)
     assert math.isnan(quantile_of(torch.zeros(N_BINS, dtype=torch.int32), 1.0))
 
