@@ -849,9 +849,10 @@ def _analysis_sections(metrics: dict[str, Any], stats: AnalysisStats | None) -> 
     if reference:
         ratios_table["Eq. 11, reference estimator"] = reference["latent_ratio"]
         ratios_table["Eq. 12, reference estimator"] = reference["token_ratio"]
+        n_batches, last = reference["n_batches"], reference["last_batch_tokens"]
         ratios_table["reference batches"] = (
-            f"{reference['n_batches']} of {reference['batch_tokens']} tokens (the last of "
-            f"{reference['last_batch_tokens']})"
+            f"{n_batches} of {reference['batch_tokens']} tokens"
+            + ("" if last == reference["batch_tokens"] else f" (the last of {last})")
         )
     run_name = metrics["model"]["name"]
     latent_figures = [
