@@ -74,7 +74,9 @@ table.effects.neg td.t { background: #fee; }
 svg text { font-size: 10px; fill: #333; } svg .axis { stroke: #888; stroke-width: 1; }
 svg .bar { fill: #4a7bd0; cursor: pointer; } svg .bar.sel { fill: #e07b00; }
 svg .hbar { fill: #7a9a3a; }
-.ctx { font-size: 0.85em; margin: 2px 0; } .ctx .v { color: #777; width: 6.5em; display: inline-block; }
+.ctx { font-size: 0.85em; margin: 2px 0; padding: 2px 0; line-height: 1.5; white-space: nowrap;
+  overflow: hidden; text-overflow: ellipsis; }
+.ctx .v { color: #777; width: 6.5em; display: inline-block; } .stats { font-size: 0.85em; color: #444; }
 .tok.act { outline: 1px solid #c55; font-weight: bold; }
 .co { font-size: 0.85em; margin-top: 0.4em; } .co a { margin-right: 0.6em; }
 .note { color: #666; font-size: 0.85em; } .band { font-size: 0.8em; color: #555; margin: 0.4em 0 0.1em; }
@@ -129,13 +131,13 @@ function axes(svg, x0, y0, w, h, yMax, yLabel, xLabel, yFmt = fmt) {
     svg.append(sv("line", {"class": "axis", x1: x0 - 3, y1: y, x2: x0, y2: y}));
     svg.append(sv("text", {x: x0 - 5, y: y + 3, "text-anchor": "end"}, yFmt(f * yMax)));
   }
-  svg.append(sv("text", {x: 10, y: y0 - h / 2, transform: "rotate(-90 10 " + (y0 - h / 2) + ")",
+  svg.append(sv("text", {x: 8, y: y0 - h / 2, transform: "rotate(-90 8 " + (y0 - h / 2) + ")",
     "text-anchor": "middle"}, yLabel));
   svg.append(sv("text", {x: x0 + w / 2, y: y0 + 26, "text-anchor": "middle"}, xLabel));
 }
 
 function layerChart(c, pick) {
-  const W = 400, H = 150, x0 = 46, y0 = 116, w = W - x0 - 8, h = 96, n = D.n_layers, bw = w / n;
+  const W = 400, H = 150, x0 = 52, y0 = 116, w = W - x0 - 8, h = 96, n = D.n_layers, bw = w / n;
   const svg = sv("svg", {width: W, height: H, "class": "pl"});
   const maxP = Math.max(...c.p.map((x) => x || 0), 1e-9);
   axes(svg, x0, y0, w, h, maxP, "P(L|J)", "layer");
@@ -167,7 +169,7 @@ function histChart(c, layer) {
   const hist = c.hist[String(layer)];
   if (!hist) return el("p", {"class": "note"}, "no histogram at layer " + layer);
   const first = hist[0], counts = hist.slice(1), total = counts.reduce((a, b) => a + b, 0);
-  const W = 400, H = 140, x0 = 46, y0 = 106, w = W - x0 - 8, h = 86, bw = w / counts.length;
+  const W = 400, H = 140, x0 = 52, y0 = 106, w = W - x0 - 8, h = 86, bw = w / counts.length;
   const svg = sv("svg", {width: W, height: H, "class": "hist"});
   const maxC = Math.max(...counts, 1);
   axes(svg, x0, y0, w, h, maxC, "tokens", "activation at layer " + layer + " (log scale; " + total + " tokens)",
@@ -225,10 +227,16 @@ function layerDetail(c, layer) {
   const top = c.ctx[String(layer)] || [], smp = (c.smp[String(layer)] || []).slice().sort((x, y) => x[1] - y[1]);
   const valueAt = new Map([...top, ...smp].map(([p, v]) => [p, v]));
   const maxV = Math.max(1e-9, ...top.map((e) => e[1]));
-  const left = el("div", {}, histChart(c, layer));
-  const right = el("div", {});
-  right.append(el("p", {"class": "note"}, "layer " + layer + ": top " + top.length +
-    " tokens (activating token outlined; background \u221d activation of this latent at this layer, where collected)"));
+  const hist = c.hist[String(layer)];
+  const active = hist ? hist.slice(1).reduce((a, b) => a + b, 0) : null;
+  const stats = el("div", {"class": "stats"},
+    el("p", {}, "Layer " + layer + ": P(L|J) = " + fmt(c.p[layer]) +
+      (active === null ? "" : "; active on " + active + " of " + D.n_tokens + " tokens (" + pct(active / D.n_tokens) + ")") +
+      (top.length ? "; largest activation " + fmt(top[0][1]) : "") + "."),
+    el("p", {"class": "note"}, "Hover a bar for its range and count."));
+  const right = el("div", {"class": "top"});
+  right.append(el("p", {"class": "note"}, "top " + top.length +
+    " tokens at layer " + layer + " (activating token outlined; background \u221d activation of this latent at this layer, where collected)"));
   if (!top.length) right.append(el("p", {"class": "note"}, "no collected tokens at layer " + layer));
   for (const [p, v] of top) right.append(contextLine(p, fmt(v), valueAt, maxV));
   const samples = el("div", {"class": "samples"});
@@ -243,7 +251,7 @@ function layerDetail(c, layer) {
       samples.append(contextLine(p, fmt(v) + (q === null ? "" : " q" + Math.round(100 * q)), valueAt, maxV));
     }
   }
-  box.append(el("div", {"class": "row"}, left, right), samples);
+  box.append(el("div", {"class": "row"}, el("div", {}, histChart(c, layer)), stats), right, samples);
   return box;
 }
 
