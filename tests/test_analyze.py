@@ -434,7 +434,8 @@ def test_cli_analyze_on_the_embedded_model(tmp_path) -> None:
     assert metrics["layer_distribution"]["n_tokens"] == 200
     assert 0 <= metrics["layer_distribution"]["latent_ratio"] <= 1
     assert metrics["prompt"]["tokens"][:2] == ["When", " John"]
-    assert (run / "report.html").read_text().count('class="plotly-graph-div"') == 6
+    # Eq. 11/12 bars, 2 latent, 2 prompt, 2 norm
+    assert (run / "report.html").read_text().count('class="plotly-graph-div"') == 7
 
 
 # ---------------------------------------------------------------------- the report in a browser
