@@ -56,7 +56,8 @@ class ActivationHistogram:
     def __init__(self, n_latents: int, n_layers: int, device: torch.device | str = "cpu") -> None:
         self.n_latents, self.n_layers = n_latents, n_layers
         self.device = torch.device(device)
-        self.counts = torch.zeros(n_latents, n_layers, N_BINS, dtype=torch.int32, device=self.device)
+        shape = (n_latents, n_layers, N_BINS)
+        self.counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
 
     def update(self, indices: Tensor, values: Tensor) -> None:
         """Count the positive entries of top-k codes ``[tokens, n_layers, k]``."""

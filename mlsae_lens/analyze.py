@@ -44,6 +44,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from mlsae_lens.activation_samples import LatentContexts
 from mlsae_lens.activations import check_finite, harvest_resid_post, valid_token_vectors
 from mlsae_lens.analysis.layer_stats import (
     WEIGHTINGS,
@@ -71,7 +72,6 @@ from mlsae_lens.figures import (
 )
 from mlsae_lens.report import ReportSection, table_html, write_report
 from mlsae_lens.sae import MultiLayerMixin
-from mlsae_lens.activation_samples import LatentContexts
 from mlsae_lens.topk_contexts import valid_token_positions
 
 logger = logging.getLogger(__name__)
@@ -160,8 +160,8 @@ class AnalysisStats:
     resid: ResidualNormStats
     progress: dict[str, Any] = field(default_factory=dict)
     top: LatentContexts | None = None
-    """Top contexts, samples and histograms (``mlsae-lens explore``), saved beside as ``top_contexts.safetensors``
-    with every save; :meth:`load` leaves it ``None`` (``explorer.load_top_contexts`` reads it)."""
+    """Top contexts, samples and histograms (``mlsae-lens explore``), saved beside as
+    ``top_contexts.safetensors`` with every save; :meth:`load` leaves it ``None`` (``explorer.load_top_contexts`` reads it)."""
     ref: ReferenceRatioStats | None = None
     """Eq. 11/12 as the reference code estimates them (per 2,048-token batch); ``None`` in
     files saved before it was collected."""

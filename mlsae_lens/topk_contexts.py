@@ -192,7 +192,9 @@ class TopContexts:
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and sizes; round-trips through :meth:`from_state_dict`."""
-        state: dict[str, Any] = {"payload": self.payload.clone()} if self.payload is not None else {}
+        state: dict[str, Any] = {}
+        if self.payload is not None:
+            state["payload"] = self.payload.clone()
         return {
             **state,
             "values": self.values.clone(),
