@@ -322,14 +322,14 @@ def add_analyze_parsers(sub: Any) -> None:
                          help="save stats.safetensors every N tokens (default: %(default)s)")
     analyze.add_argument("--resume", action="store_true", help="continue a partial analysis in RUN_DIR")
     analyze.add_argument("--overwrite", action="store_true", help="discard a partial analysis and start over")
+    analyze.add_argument("--skip-first-position", action="store_true",
+                         help="leave each context's first position out of the residual norms, layer "
+                         "means and cosines (an outlier in packed contexts without BOS)")
     analyze.add_argument("--top-contexts", action=argparse.BooleanOptionalAction, default=None,
                          help="collect every latent's top tokens per layer for `mlsae-lens explore` "
                          "(top_contexts.safetensors) (default: on when --tokens <= 1M)")
     analyze.add_argument("--top-n", type=int_with_underscores, default=defaults.top_n,
                          help="tokens kept per latent and layer by --top-contexts (default: %(default)s)")
-    analyze.add_argument("--skip-first-position", action="store_true",
-                         help="leave each context's first position out of the residual norms, layer "
-                         "means and cosines (an outlier in packed contexts without BOS)")
     analyze.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
     analyze.set_defaults(func=cmd_analyze)
 
