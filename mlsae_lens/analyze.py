@@ -44,6 +44,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
+from mlsae_lens.activation_samples import LatentContexts
 from mlsae_lens.activations import check_finite, harvest_resid_post, valid_token_vectors
 from mlsae_lens.analysis.layer_stats import (
     WEIGHTINGS,
@@ -52,6 +53,7 @@ from mlsae_lens.analysis.layer_stats import (
     read_safetensors,
     write_safetensors,
 )
+from mlsae_lens.analysis.reference_ratios import ReferenceRatioStats
 from mlsae_lens.analysis.residual import ResidualNormResult, ResidualNormStats
 from mlsae_lens.checkpoint import atomic_write_json
 from mlsae_lens.config import MultiLayerRunnerConfig
@@ -68,9 +70,9 @@ from mlsae_lens.figures import (
     training_curve_figure,
     variance_ratio_figure,
 )
-from mlsae_lens.report import ReportSection, write_report
+from mlsae_lens.report import ReportSection, table_html, write_report
 from mlsae_lens.sae import MultiLayerMixin
-from mlsae_lens.topk_contexts import TopContexts, valid_token_positions
+from mlsae_lens.topk_contexts import valid_token_positions
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +112,10 @@ class AnalysisOptions:
     (``top_contexts.safetensors``); ``None``: only when ``tokens`` <= 1M."""
     top_n: int = 16
     """Tokens kept per (latent, layer) by the top-context collection."""
+    skip_first_position: bool = False
+    """Leave each context's first position out of the residual-norm statistics (norms, layer
+    means, centering, cosines): in packed contexts without BOS it is an outlier whose huge norm
+    dominates the layer mean. The latent statistics keep every token."""
 
     @property
     def collect_top_contexts(self) -> bool:
@@ -153,9 +159,12 @@ class AnalysisStats:
     layer: LayerDistributionStats
     resid: ResidualNormStats
     progress: dict[str, Any] = field(default_factory=dict)
-    top: TopContexts | None = None
-    """Top contexts (``mlsae-lens explore``), saved beside as ``top_contexts.safetensors``
-    with every save; :meth:`load` leaves it ``None`` (``explorer.load_top_contexts`` reads it)."""
+    top: LatentContexts | None = None
+    """Top contexts, samples and histograms (``mlsae-lens explore``), saved beside as
+    ``top_contexts.safetensors`` with every save; :meth:`load` leaves it ``None`` (``explorer.load_top_contexts`` reads it)."""
+    ref: ReferenceRatioStats | None = None
+    """Eq. 11/12 as the reference code estimates them (per 2,048-token batch); ``None`` in
+    files saved before it was collected."""
 
     def save(self, path: str | Path) -> None:
         """One safetensors file, written atomically, with both states and the progress."""
@@ -167,10 +176,10 @@ class AnalysisStats:
             )
         tensors: dict[str, Tensor] = {}
         meta: dict[str, Any] = {"progress": self.progress}
-        for prefix, state in (
-            ("layer", self.layer.state_dict()),
-            ("resid", self.resid.state_dict()),
-        ):
+        parts = [("layer", self.layer.state_dict()), ("resid", self.resid.state_dict())]
+        if self.ref is not None:
+            parts.append(("ref", self.ref.state_dict()))
+        for prefix, state in parts:
             meta[prefix] = {}
             for key, value in state.items():
                 if isinstance(value, Tensor):
@@ -197,11 +206,14 @@ class AnalysisStats:
         layer.load_state_dict(part("layer"))
         resid = ResidualNormStats(resid_meta["n_layers"], resid_meta["d_model"], device)
         resid.load_state_dict(part("resid"))
-        return cls(layer, resid, dict(meta["progress"]))
+        ref = ReferenceRatioStats.from_state_dict(part("ref"), device) if "ref" in meta else None
+        return cls(layer, resid, dict(meta["progress"]), ref=ref)
 
     def merge(self, other: AnalysisStats) -> AnalysisStats:
         """Add another analysis' sums (same MLSAE and weighting; centered sums need the same
-        centering means, which :class:`ResidualNormStats` checks). Progress is not merged."""
+        centering means, which :class:`ResidualNormStats` checks). Progress is not merged, and
+        the reference estimator is dropped (its batches belong to one stream)."""
+        self.ref = None
         self.layer.merge(other.layer)
         self.resid.merge(other.resid)
         if self.top is not None and other.top is not None:
@@ -337,10 +349,12 @@ def _latent_pass(run: _Run, stats: AnalysisStats, batch_size: int, path: Path, e
             first_context, offset = next_context, 0
             for indices, values in _encode_chunks(run.sae, vectors):
                 stats.layer.update_sparse(indices, values)
+                if stats.ref is not None:
+                    stats.ref.update_sparse(indices, values)
                 if stats.top is not None:
                     stats.top.update(indices, values, positions[offset : offset + len(indices)])
                 offset += len(indices)
-            stats.resid.update(vectors)
+            stats.resid.update(vectors, _resid_mask(run, progress, positions, len(vectors)))
             done += vectors.shape[0]
             bar.update(vectors.shape[0])
             saver.maybe_save(done, next_context)
@@ -355,18 +369,35 @@ def _centered_pass(
     progress = stats.progress
     target = progress["centered_target"]
     means = stats.resid.compute().mean_vector
-    done = stats.resid.n_tokens_centered
+    # Tokens read by this pass (the residual statistics may skip some: --skip-first-position).
+    done = progress.get("centered_seen", stats.resid.n_tokens_centered)
     saver = _Saver(stats, path, every, done)
     with tqdm(total=target, initial=done, desc="centered norms", unit="tok") as bar:
+        first_context = progress["next_context"]
         for next_context, vectors in _test_vectors(
             run, batch_size, progress["next_context"], target - done
         ):
-            stats.resid.update_centered(vectors, means)
+            positions = valid_token_positions(run.special_mask, first_context, next_context)
+            first_context = next_context
+            mask = _resid_mask(run, progress, positions, len(vectors))
+            stats.resid.update_centered(vectors, means, mask)
             done += vectors.shape[0]
+            progress["centered_seen"] = done
             bar.update(vectors.shape[0])
             saver.maybe_save(done, next_context)
     progress.update(phase="done", next_context=0)
     stats.save(path)
+
+
+_IDENTITY_DEFAULTS = {"skip_first_position": False}
+"""Values of identity keys that statistics saved before the key existed were made with."""
+
+
+def _resid_mask(run: _Run, progress: dict[str, Any], positions: Tensor, n: int) -> Tensor | None:
+    """Tokens of the residual statistics: all, or all but each context's first position."""
+    if not progress.get("skip_first_position"):
+        return None
+    return (positions[:n] % run.test.shape[1]) != 0
 
 
 def _start_or_resume(
@@ -391,7 +422,7 @@ def _start_or_resume(
                 f"--resume: {run.path} has no {STATS_FILE} yet; run the analysis without --resume"
             )
         for key, value in identity.items():
-            if saved.progress.get(key) != value:
+            if saved.progress.get(key, _IDENTITY_DEFAULTS.get(key)) != value:
                 raise MLSAEError(
                     f"--resume: {path} was made with {key}={saved.progress.get(key)!r}, not "
                     f"{value!r}; pass the same settings, or --overwrite to start over"
@@ -411,6 +442,7 @@ def _start_or_resume(
         LayerDistributionStats(sae_cfg.n_layers, sae_cfg.d_sae, device, options.weighting),
         ResidualNormStats(sae_cfg.n_layers, sae_cfg.d_in, device),
         {**identity, "phase": "latents", "next_context": 0},
+        ref=ReferenceRatioStats(sae_cfg.n_layers, sae_cfg.d_sae, device=device),
     )
 
 
@@ -545,6 +577,7 @@ def analyze_run(
         "centered_target": min(options.centered_tokens or target, target),
         "test_sha256": tensor_sha256(run.test),
         "sae_sha256": _file_sha256(run_dir / "sae_weights.safetensors"),
+        "skip_first_position": options.skip_first_position,
     }
     stats = _start_or_resume(run, options, identity)
     from mlsae_lens.explorer import finalize_top_contexts, start_or_resume_top_contexts
@@ -600,6 +633,7 @@ def _metrics(
         "format": "mlsae_lens.analysis/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "layer_distribution": stats.layer.compute().to_dict(),
+        "reference_ratios": stats.ref.compute() if stats.ref is not None else None,
         "residual": stats.resid.compute().to_dict(),
         "prompt": prompt,
         "analysis": {
@@ -611,6 +645,10 @@ def _metrics(
             "centering": "second pass re-harvesting the first centered_tokens tokens, with the "
             "per-layer means of the whole first pass",
             "special_tokens": "dropped (BOS/EOS/PAD/UNK of the tokenizer)",
+            "skip_first_position": options.skip_first_position,
+            "residual_tokens": "every analysed token except each context's first position"
+            if options.skip_first_position
+            else "every analysed token",
             "weighting": options.weighting,
             "model_batch_size": batch_size,
             "test_sha256": stats.progress["test_sha256"],
@@ -710,10 +748,13 @@ def _run_section(run_dir: Path, cfg: dict[str, Any]) -> ReportSection:
     log_file = run_dir / "training_log.json"
     if log_file.is_file() and (log := _read_json(log_file)):
         table["training tokens"] = log[-1].get("tokens")
+    parts = [table_html(table)]
     if (run_dir / "splits.json").is_file():
-        table["corpus"] = _read_json(run_dir / "splits.json").get("train")
-    table["config"] = cfg
-    return ReportSection(title="Run", table=table)
+        corpus = _read_json(run_dir / "splits.json").get("train")
+        if corpus:
+            parts.append("<h3>Corpus (training split)</h3>" + table_html(corpus))
+    parts.append("<h3>Configuration (run.json)</h3>" + table_html(cfg))
+    return ReportSection(title="Run", html="".join(parts))
 
 
 def _reconstruction_section(data: dict[str, Any], k: int) -> ReportSection:
@@ -772,6 +813,16 @@ def _evaluation_section(data: dict[str, Any]) -> ReportSection:
     )
 
 
+_FIRST_POSITION_NOTE = (
+    "<p>Why the centered norm can exceed the raw norm at middle layers: the first position of "
+    "each packed context (in SmolLM2, which has no BOS token, whatever token starts the "
+    "context) carries a residual vector far larger than every other position's (~23,600 vs "
+    "~150 at SmolLM2's layers 11–27), so it dominates the layer mean μ<sub>l</sub>, and "
+    "subtracting μ<sub>l</sub> adds a large, nearly constant vector to every ordinary token "
+    "(only the RMS centered norm is bounded by the raw RMS norm, not the mean norm).</p>"
+)
+
+
 def _analysis_sections(metrics: dict[str, Any], stats: AnalysisStats | None) -> list[ReportSection]:
     layer = metrics["layer_distribution"]
     info = metrics["analysis"]
@@ -790,11 +841,23 @@ def _analysis_sections(metrics: dict[str, Any], stats: AnalysisStats | None) -> 
         "test tokens": layer["n_tokens"],
         "weighting": layer["weighting"],
     }
-    latent_figures = []
+    reference = metrics.get("reference_ratios")
+    if reference:
+        ratios_table["Eq. 11, reference estimator"] = reference["latent_ratio"]
+        ratios_table["Eq. 12, reference estimator"] = reference["token_ratio"]
+        n_batches, last = reference["n_batches"], reference["last_batch_tokens"]
+        ratios_table["reference batches"] = (
+            f"{n_batches} of {reference['batch_tokens']} tokens"
+            + ("" if last == reference["batch_tokens"] else f" (the last of {last})")
+        )
+    run_name = metrics["model"]["name"]
+    latent_figures = [
+        variance_ratio_figure({run_name: layer}, {run_name: reference} if reference else None)
+    ]
     note = ""
     if stats is not None:
         result = stats.layer.compute()
-        latent_figures = [
+        latent_figures += [
             layer_heatmap_figure(
                 result.layer_given_latent,
                 result.latent_order,
@@ -817,7 +880,17 @@ def _analysis_sections(metrics: dict[str, Any], stats: AnalysisStats | None) -> 
                 "<p>P(L=l|T=t,J=j) ∝ h<sub>j</sub>(x<sub>t,l</sub>) (Eq. 10); "
                 f"{p_token}; P(J) uniform over active latents. Layers are 0-based; variances "
                 "are in layers². Both law-of-total-variance identities are shown with both "
-                "sides.</p>" + note
+                "sides. The bars give Eq. 11/12 by the paper's definition (over all analysed "
+                "tokens)"
+                + (
+                    " and, hatched, as the reference code estimates them (per batch of "
+                    f"{reference['batch_tokens']} tokens over every latent, dead ones included, "
+                    "un-renormalised, then averaged over batches; special tokens dropped here)"
+                    if reference
+                    else ""
+                )
+                + ".</p>"
+                + note
             ),
             figures=latent_figures,
             table=ratios_table,
@@ -861,6 +934,7 @@ def _analysis_sections(metrics: dict[str, Any], stats: AnalysisStats | None) -> 
     if stats is not None:
         resid = stats.resid.compute()
         name = metrics["model"]["name"]
+        skipped = info.get("skip_first_position", False)
         sections.append(
             ReportSection(
                 title="Residual stream",
@@ -868,6 +942,15 @@ def _analysis_sections(metrics: dict[str, Any], stats: AnalysisStats | None) -> 
                     "<p>Mean L2 norm and adjacent-layer cosine similarity of hook_resid_post, raw "
                     "and after subtracting each layer's mean over the analysed tokens (Fig. 4). "
                     "Relative layer (l + 1) / n_layers: layer l is the output of l + 1 blocks.</p>"
+                    + _FIRST_POSITION_NOTE
+                    + (
+                        "<p>This analysis left each context's first position out of these "
+                        "statistics (--skip-first-position).</p>"
+                        if skipped
+                        else "<p>Every analysed token is included; <code>mlsae-lens analyze "
+                        "--skip-first-position</code> leaves each context's first position "
+                        "out of these statistics and the layer means.</p>"
+                    )
                 ),
                 figures=[
                     residual_norm_figure({name: resid}),

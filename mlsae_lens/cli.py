@@ -170,6 +170,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         top_contexts=args.top_contexts,
         top_n=args.top_n,
+        skip_first_position=args.skip_first_position,
     )
     analyze_run(Path(args.run_dir), options, device=resolve_device(args.device))
     print(f"report: {Path(args.run_dir) / 'report.html'}")
@@ -392,6 +393,9 @@ def add_analyze_parser(sub: Any) -> None:
                          help="save stats.safetensors every N tokens (default: %(default)s)")
     analyze.add_argument("--resume", action="store_true", help="continue a partial analysis in RUN_DIR")
     analyze.add_argument("--overwrite", action="store_true", help="discard a partial analysis and start over")
+    analyze.add_argument("--skip-first-position", action="store_true",
+                         help="leave each context's first position out of the residual norms, layer "
+                         "means and cosines (an outlier in packed contexts without BOS)")
     analyze.add_argument("--top-contexts", action=argparse.BooleanOptionalAction, default=None,
                          help="collect every latent's top tokens per layer for `mlsae-lens explore` "
                          "(top_contexts.safetensors) (default: on when --tokens <= 1M)")
@@ -406,15 +410,16 @@ def add_explore_parser(sub: Any) -> None:
     explore = sub.add_parser(
         "explore", help=COMMAND_HELP["explore"],
         description="Write a self-contained HTML explorer of an analysed run (needs the "
-        "top_contexts.safetensors of `mlsae-lens analyze`): latents sorted by E[L|J], each with "
-        "P(L|J), its activation frequency, top contexts per layer, decoder logit lens and "
-        "co-appearing latents. Opens from a file:// URL with no network.")
+        "top_contexts.safetensors of `mlsae-lens analyze`): every active latent, sortable and "
+        "filterable by peak layer, E[L|J], Var(L|J) and density, each with P(L|J), an activation "
+        "histogram, top contexts and quantile samples per layer, logit effects through the final "
+        "norm and co-appearing latents. Opens from a file:// URL with no network.")
     explore.add_argument("run_dir", metavar="RUN_DIR", help="an analysed run directory")
     explore.add_argument(*output_flags("output"), dest="output", default=None, metavar="FILE.html", type=html_file,
                          help="where to write the page; --output-dir is the same flag (default: RUN_DIR/explore.html)")
-    explore.add_argument("--max-latents", type=positive_int, default=2000,
+    explore.add_argument("--max-latents", type=positive_int, default=None,
                          help="cards for at most this many latents, the most frequently active "
-                         "(default: %(default)s)")
+                         "(default: every active latent)")
     explore.add_argument("--contexts-per-layer", type=positive_int, default=8,
                          help="top contexts per layer on the page (default: %(default)s)")
     explore.add_argument("--serve", action="store_true",

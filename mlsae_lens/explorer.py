@@ -1,24 +1,26 @@
 """The latent explorer: what each MLSAE latent responds to, layer by layer, offline.
 
-``mlsae-lens analyze`` collects the top-N activating test tokens of every (latent, layer) pair
-in its streaming pass (:class:`~mlsae_lens.topk_contexts.TopContexts`) and saves them to
+``mlsae-lens analyze`` collects, for every (latent, layer) pair, the top-N activating test tokens,
+a uniform sample of its active tokens and a histogram of its activations in its streaming pass
+(:class:`~mlsae_lens.activation_samples.LatentContexts`) and saves them to
 ``top_contexts.safetensors`` beside ``stats.safetensors``, with the same progress, so
 ``--resume`` continues both. When the pass ends the file is completed with what the explorer
 needs to stand alone, without the model or the corpus:
 
-* the test contexts that hold a collected token (token ids), so windows can be cut at any width;
-* each decoder row's logit lens ``W_dec[j] @ W_U`` (top 10 positive and negative tokens);
+* the test contexts that hold a collected or sampled token (token ids), so windows can be cut
+  at any width;
+* each decoder row's logit effects through the model's final norm (top 10 positive and
+  negative tokens with values; :func:`~mlsae_lens.topk_contexts.decoder_logit_lens`);
 * the strings of every token id it mentions.
 
-:class:`Explorer` reads it together with P(L|J) and activation frequencies from
+:class:`Explorer` reads it together with P(L|J), Var(L|J) and activation frequencies from
 ``stats.safetensors`` (``Explorer.from_run(run_dir).top_contexts(latent, layer)`` in a
 notebook), and :meth:`Explorer.write_html` writes one self-contained page (inline JS and JSON
-data; no network) for ``mlsae-lens explore``.
+data; no network; :mod:`mlsae_lens.explorer_page`) for ``mlsae-lens explore``.
 """
 
 from __future__ import annotations
 
-import html
 import http.server
 import json
 import logging
@@ -31,9 +33,11 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from mlsae_lens.activation_samples import LatentContexts, quantile_of
 from mlsae_lens.analysis.layer_stats import read_safetensors, write_safetensors
 from mlsae_lens.atomic import atomic_write_text
 from mlsae_lens.errors import MLSAEError
+from mlsae_lens.explorer_page import render_page
 from mlsae_lens.topk_contexts import (
     EMPTY_POSITION,
     TopContexts,
@@ -54,6 +58,13 @@ EXPLORER_FILE = "explore.html"
 _FORMAT = "mlsae_lens.TopContexts/1"
 _IDENTITY = ("test_sha256", "sae_sha256", "tokens_target")
 LOGIT_LENS_TOKENS = 10
+SAMPLES_PER_LAYER = 8
+"""Quantile samples kept per (latent, layer) (:mod:`mlsae_lens.activation_samples`)."""
+LOGIT_EFFECTS = (
+    "(ln_final(d_j) - ln_final(0)) @ W_U minus its mean over the vocabulary, "
+    "for the unit decoder row d_j (the logits of a unit-RMS residual along d_j, through the "
+    "model's final norm; the same for folded and unfolded norms)"
+)
 DEFAULT_WINDOW = (12, 4)
 """Tokens shown before and after the activating token (cut at the context's edges)."""
 
@@ -75,39 +86,40 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
     return json.loads(header["meta"])
 
 
-def _top_tensors(top: TopContexts) -> dict[str, Tensor]:
-    positions = top.positions
-    if positions.numel() and int(positions.max()) < torch.iinfo(torch.int32).max:
-        positions = positions.to(torch.int32)  # half the size; read back as int64
-    return {"values": top.values, "positions": positions}
-
-
-def _top_meta(top: TopContexts, progress: dict[str, Any], complete: bool) -> dict[str, Any]:
-    state = top.state_dict()
+def _top_meta(
+    contexts: LatentContexts, progress: dict[str, Any], complete: bool
+) -> dict[str, Any]:
     return {
-        **{k: v for k, v in state.items() if not isinstance(v, Tensor)},
+        **contexts.meta(),
         "identity": {key: progress.get(key) for key in _IDENTITY},
         "complete": complete,
     }
 
 
-def save_partial_top_contexts(path: Path, top: TopContexts, progress: dict[str, Any]) -> None:
+def save_partial_top_contexts(
+    path: Path, contexts: LatentContexts, progress: dict[str, Any]
+) -> None:
     """Save the tables mid-analysis (called with every save of ``stats.safetensors``).
 
     Nothing is written when the file already holds these tokens (the centered pass saves the
     statistics again but leaves the tables alone), so a completed file is never downgraded.
     """
     meta = _read_meta(path)
-    if meta is not None and meta.get("n_tokens") == top.n_tokens:
+    if meta is not None and meta.get("n_tokens") == contexts.n_tokens:
         return
-    write_safetensors(path, _top_tensors(top), _FORMAT, _top_meta(top, progress, False))
+    write_safetensors(path, contexts.tensors(), _FORMAT, _top_meta(contexts, progress, False))
 
 
-def load_top_contexts(path: Path) -> tuple[TopContexts, dict[str, Tensor], dict[str, Any]]:
+_TABLES = (
+    "values", "positions", "sample_priority", "sample_positions", "sample_values", "hist_counts"
+)
+
+
+def load_top_contexts(path: Path) -> tuple[LatentContexts, dict[str, Tensor], dict[str, Any]]:
     """The tables, the other tensors of a completed file, and the metadata."""
     try:
         tensors, meta = read_safetensors(path, _FORMAT)
-        top = TopContexts.from_state_dict({**tensors, **meta})
+        contexts = LatentContexts.from_saved(tensors, meta)
     except MLSAEError:
         raise
     except Exception as exc:  # safetensors / json raise their own types
@@ -115,13 +127,13 @@ def load_top_contexts(path: Path) -> tuple[TopContexts, dict[str, Tensor], dict[
             f"{path} is damaged ({type(exc).__name__}: {exc}); rerun `mlsae-lens analyze` with "
             "--overwrite"
         ) from exc
-    extra = {k: v for k, v in tensors.items() if k not in ("values", "positions")}
-    return top, extra, meta
+    extra = {k: v for k, v in tensors.items() if k not in _TABLES}
+    return contexts, extra, meta
 
 
 def start_or_resume_top_contexts(
     run_dir: Path, stats: AnalysisStats, options: AnalysisOptions, sae: MultiLayerMixin
-) -> TopContexts | None:
+) -> LatentContexts | None:
     """Fresh tables for a fresh analysis, the saved ones for a resumed one, or ``None``.
 
     A fresh analysis deletes an older ``top_contexts.safetensors`` (it described other tokens
@@ -133,7 +145,9 @@ def start_or_resume_top_contexts(
         path.unlink(missing_ok=True)
         if not options.collect_top_contexts:
             return None
-        return TopContexts(sae.cfg.d_sae, sae.cfg.n_layers, options.top_n, sae.W_enc.device)
+        return LatentContexts(
+            sae.cfg.d_sae, sae.cfg.n_layers, options.top_n, SAMPLES_PER_LAYER, sae.W_enc.device
+        )
     if not options.collect_top_contexts:
         return None
     if not path.is_file():
@@ -144,7 +158,8 @@ def start_or_resume_top_contexts(
             )
         logger.warning("%s is missing, so this analysis has no top contexts", path)
         return None
-    top, _, meta = load_top_contexts(path)
+    contexts, _, meta = load_top_contexts(path)
+    top = contexts.top
     for key, value in meta["identity"].items():
         if stats.progress.get(key) != value:
             raise MLSAEError(
@@ -162,7 +177,7 @@ def start_or_resume_top_contexts(
             f"{stats.layer.n_tokens} (the analysis stopped between the two saves); pass "
             "--overwrite to start over, or --no-top-contexts to resume without them"
         )
-    return TopContexts.from_state_dict(top.state_dict(), sae.W_enc.device)
+    return LatentContexts.from_saved(contexts.tensors(), contexts.meta(), sae.W_enc.device)
 
 
 def _token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
@@ -176,29 +191,34 @@ def _token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
 @torch.inference_mode()
 def finalize_top_contexts(
     run_dir: Path,
-    top: TopContexts,
+    contexts: LatentContexts,
     progress: dict[str, Any],
     model: HookedTransformer,
     sae: MultiLayerMixin,
     test: Tensor,
 ) -> Path:
     """Complete ``top_contexts.safetensors`` so the explorer needs neither model nor corpus:
-    add the referenced test contexts, the decoder logit lens and the token strings."""
+    add the referenced test contexts, the logit effects and the token strings."""
     path = run_dir / TOP_CONTEXTS_FILE
     meta = _read_meta(path)
+    top = contexts.top
     if meta is not None and meta.get("complete") and meta.get("n_tokens") == top.n_tokens:
         return path
-    positions = top.positions.cpu()
+    positions = top.positions.cpu().reshape(-1)
+    if contexts.samples is not None:
+        positions = torch.cat([positions, contexts.samples.positions.cpu().reshape(-1)])
     context_size = test.shape[1]
     context_ids = torch.unique(positions[positions != EMPTY_POSITION] // context_size)
     context_tokens = test[context_ids].to(torch.int32)
-    lens = decoder_logit_lens(sae.W_dec.detach(), model.W_U.detach(), LOGIT_LENS_TOKENS)
+    lens = decoder_logit_lens(
+        sae.W_dec.detach(), model.W_U.detach(), LOGIT_LENS_TOKENS, final_norm=model.ln_final
+    )
     vocab_ids = torch.unique(
         torch.cat([context_tokens.reshape(-1).long(), lens[0].reshape(-1), lens[2].reshape(-1)])
     )
     strings = _token_strings(model.tokenizer, vocab_ids.tolist())
     tensors = {
-        **_top_tensors(top),
+        **contexts.tensors(),
         "context_ids": context_ids,
         "context_tokens": context_tokens,
         "lens_top_ids": lens[0].to(torch.int32),
@@ -208,11 +228,10 @@ def finalize_top_contexts(
         "vocab_ids": vocab_ids,
     }
     meta = {
-        **_top_meta(top, progress, True),
+        **_top_meta(contexts, progress, True),
         "context_size": context_size,
         "vocab_strings": strings,
-        "logit_lens": "W_dec[j] @ W_U of the model (unnormalized; the final norm is not applied "
-        "to a direction, TransformerLens folds its scale into W_U)",
+        "logit_lens": LOGIT_EFFECTS,
     }
     write_safetensors(path, tensors, _FORMAT, meta)
     logger.info("saved the top %d contexts of every latent and layer to %s", top.top_n, path)
@@ -224,7 +243,8 @@ def finalize_top_contexts(
 
 @dataclass
 class Explorer:
-    """Top contexts, layer distributions and decoder logit lens of an analysed run.
+    """Top contexts, quantile samples, activation histograms, layer distributions and logit
+    effects of an analysed run.
 
     Build it with :meth:`from_run`. Everything is on the CPU; nothing loads the model.
     """
@@ -244,6 +264,12 @@ class Explorer:
     n_tokens: int
     model_name: str = ""
     window: tuple[int, int] = DEFAULT_WINDOW
+    var_layer: Tensor | None = None  # [d_sae] Var(L|J)
+    samples: TopContexts | None = None
+    """Sampled tokens (``values``: priorities, ``payload``: activations); ``None`` for files
+    written before samples were collected."""
+    hist_counts: Tensor | None = None  # [d_sae, n_layers, N_BINS]
+    logit_note: str = ""
 
     @classmethod
     def from_run(cls, run_dir: str | Path, window: tuple[int, int] = DEFAULT_WINDOW) -> Explorer:
@@ -263,7 +289,8 @@ class Explorer:
                 f"{run_dir} has no {TOP_CONTEXTS_FILE}; run `mlsae-lens analyze {run_dir} "
                 "--top-contexts` first"
             )
-        top, extra, meta = load_top_contexts(path)
+        contexts, extra, meta = load_top_contexts(path)
+        top = contexts.top
         if not meta.get("complete"):
             raise MLSAEError(
                 f"{path} is incomplete (the analysis stopped after {top.n_tokens} tokens); "
@@ -301,6 +328,10 @@ class Explorer:
             n_tokens=result.n_tokens,
             model_name=model_name,
             window=window,
+            var_layer=result.var_layer_given_latent,
+            samples=contexts.samples,
+            hist_counts=contexts.hist.counts if contexts.hist is not None else None,
+            logit_note=str(meta.get("logit_lens", "")),
         )
 
     @property
@@ -340,9 +371,12 @@ class Explorer:
             active at that layer on fewer tokens.
         """
         self._check(latent, layer)
-        out = []
         values = self.top.values[latent, layer].tolist()
-        for value, position in zip(values, self.top.positions[latent, layer].tolist(), strict=True):
+        return self._windows(values, self.top.positions[latent, layer].tolist())
+
+    def _windows(self, values: list[float], positions: list[int]) -> list[dict[str, Any]]:
+        out = []
+        for value, position in zip(values, positions, strict=True):
             if position == EMPTY_POSITION:
                 break
             ids, index = self.window_of(position)
@@ -357,9 +391,40 @@ class Explorer:
             )
         return out
 
+    def quantile_samples(self, latent: int, layer: int) -> list[dict[str, Any]]:
+        """Tokens sampled uniformly among those where ``latent`` is active at ``layer``,
+        sorted by activation (weakest first), each with ``quantile``: the fraction of the
+        pair's activations below it, from the histogram. Same keys as :meth:`top_contexts`."""
+        self._check(latent, layer)
+        if self.samples is None or self.samples.payload is None or self.hist_counts is None:
+            return []
+        order = self.samples.payload[latent, layer].argsort()
+        positions = self.samples.positions[latent, layer][order]
+        values = self.samples.payload[latent, layer][order]
+        keep = positions != EMPTY_POSITION
+        out = self._windows(values[keep].tolist(), positions[keep].tolist())
+        for entry in out:
+            entry["quantile"] = quantile_of(self.hist_counts[latent, layer], entry["value"])
+        return out
+
+    def histogram(self, latent: int, layer: int) -> tuple[Tensor, Tensor]:
+        """``(edges, counts)`` of the latent's activations at ``layer`` (log-spaced bins of
+        :mod:`mlsae_lens.activation_samples`; the end bins are open)."""
+        from mlsae_lens.activation_samples import bin_edges
+
+        self._check(latent, layer)
+        if self.hist_counts is None:
+            raise MLSAEError(
+                f"{self.run_dir} was analysed before histograms were collected; rerun "
+                f"`mlsae-lens analyze {self.run_dir} --overwrite`"
+            )
+        return bin_edges(), self.hist_counts[latent, layer].clone()
+
     def logit_lens(self, latent: int) -> dict[str, list[tuple[str, float]]]:
-        """The 10 tokens whose unembedding aligns most (``positive``) and least (``negative``)
-        with the latent's decoder row, by ``W_dec[j] @ W_U`` (unnormalized)."""
+        """The 10 tokens with the largest (``positive``) and smallest (``negative``) logit
+        effect of the latent's decoder row through the model's final norm (see
+        :func:`~mlsae_lens.topk_contexts.decoder_logit_lens`; :attr:`logit_note` says which
+        formula the file holds)."""
         self._check(latent)
         top_ids, top_vals, bottom_ids, bottom_vals = self.lens
         return {
@@ -383,18 +448,23 @@ class Explorer:
         partners, counts = co_appearing_latents(self.top, torch.tensor([latent]), n)
         return [(p, c) for p, c in zip(partners[0].tolist(), counts[0].tolist(), strict=True) if p >= 0]
 
-    def shown_latents(self, max_latents: int) -> Tensor:
-        """The ``max_latents`` most frequently active latents, sorted by E[L|J] (then id)."""
+    def shown_latents(self, max_latents: int | None = None) -> Tensor:
+        """Every active latent, or the ``max_latents`` most frequently active ones, in order of
+        frequency (most frequent first, then id)."""
         active = (self.active_token_counts > 0).nonzero().squeeze(1)
         counts = self.active_token_counts[active]
-        keep = active[torch.argsort(-counts, stable=True)[:max_latents]].sort().values
-        return keep[torch.argsort(self.expected_layer[keep], stable=True)]
+        return active[torch.argsort(-counts, stable=True)[:max_latents]]
 
     # ------------------------------------------------------------------ the page
 
-    def page_data(self, max_latents: int = 2000, contexts_per_layer: int = 8) -> dict[str, Any]:
-        """The JSON the page renders: one entry per shown latent plus the token tables."""
-        if max_latents < 1 or contexts_per_layer < 1:
+    def page_data(
+        self, max_latents: int | None = None, contexts_per_layer: int = 8
+    ) -> dict[str, Any]:
+        """The JSON the page renders: an index of the shown latents (id, peak layer, E[L|J],
+        Var(L|J), active-token count) for sorting and filtering, one card per shown latent, and
+        the token tables. Sizes grow with the shown latents times the layers where each is
+        active; ``max_latents`` and ``contexts_per_layer`` bound them."""
+        if (max_latents is not None and max_latents < 1) or contexts_per_layer < 1:
             raise MLSAEError(
                 "--max-latents and --contexts-per-layer must be positive, got "
                 f"{max_latents} and {contexts_per_layer}"
@@ -402,34 +472,28 @@ class Explorer:
         shown = self.shown_latents(max_latents)
         partners, partner_counts = co_appearing_latents(self.top, shown, 5)
         top_ids, top_vals, bottom_ids, bottom_vals = self.lens
-        n = min(contexts_per_layer, self.top.top_n)
-        values = self.top.values[shown, :, :n]
-        positions = self.top.positions[shown, :, :n]
-        used_tokens: set[int] = set()
         used_contexts: set[int] = set()
+        ctx = self._entries(self.top.values, self.top.positions, shown, contexts_per_layer)
+        smp: list[dict[str, list[list[Any]]]] = [{} for _ in range(len(shown))]
+        hist: list[dict[str, list[int]]] = [{} for _ in range(len(shown))]
+        if self.samples is not None and self.samples.payload is not None:
+            smp = self._entries(self.samples.payload, self.samples.positions, shown, None)
+        if self.hist_counts is not None:
+            hist = _trimmed_histograms(self.hist_counts[shown])
+        p_layer = self.layer_given_latent[shown].nan_to_num(0.0)
         cards = []
+        used_tokens: set[int] = set()
         for row, latent in enumerate(shown.tolist()):
-            contexts: dict[str, list[list[float]]] = {}
-            for layer in range(self.n_layers):
-                pos = positions[row, layer]
-                filled = pos != EMPTY_POSITION
-                if bool(filled.any()):
-                    contexts[str(layer)] = [
-                        [p, _round(v)]
-                        for p, v in zip(
-                            pos[filled].tolist(), values[row, layer][filled].tolist(), strict=True
-                        )
-                    ]
-                    used_contexts.update(p // self.context_size for p in pos[filled].tolist())
+            for entries in (*ctx[row].values(), *smp[row].values()):
+                used_contexts.update(p // self.context_size for p, _ in entries)
             pos_ids, neg_ids = top_ids[latent].tolist(), bottom_ids[latent].tolist()
             used_tokens.update(pos_ids + neg_ids)
             cards.append(
                 {
-                    "id": latent,
-                    "el": _round(float(self.expected_layer[latent])),
-                    "count": int(self.active_token_counts[latent]),
-                    "p": [_round(float(x)) for x in self.layer_given_latent[latent].tolist()],
-                    "ctx": contexts,
+                    "p": [_round(float(x)) for x in p_layer[row].tolist()],
+                    "ctx": ctx[row],
+                    "smp": smp[row],
+                    "hist": hist[row],
                     "pos": [[i, _round(v)] for i, v in zip(pos_ids, top_vals[latent].tolist())],
                     "neg": [[i, _round(v)] for i, v in zip(neg_ids, bottom_vals[latent].tolist())],
                     "co": [
@@ -444,6 +508,11 @@ class Explorer:
             ids = self.context_tokens[self.context_row[context]].tolist()
             used_tokens.update(ids)
             contexts_out[str(context)] = ids
+        var = self.var_layer if self.var_layer is not None else torch.full_like(
+            self.expected_layer, float("nan")
+        )
+        from mlsae_lens.activation_samples import BINS_PER_DECADE, LOG10_MIN, N_BINS
+
         return {
             "model": self.model_name,
             "run": str(self.run_dir),
@@ -451,34 +520,74 @@ class Explorer:
             "n_layers": self.n_layers,
             "d_sae": self.n_latents,
             "top_n": self.top.top_n,
-            "contexts_per_layer": n,
+            "sample_n": self.samples.top_n if self.samples is not None else 0,
+            "contexts_per_layer": min(contexts_per_layer, self.top.top_n),
             "n_active": int((self.active_token_counts > 0).sum()),
             "n_shown": len(cards),
             "max_latents": max_latents,
             "context_size": self.context_size,
             "window": list(self.window),
+            "hist": {"log10_min": LOG10_MIN, "per_decade": BINS_PER_DECADE, "n_bins": N_BINS},
+            "logit_note": self.logit_note,
+            "index": {
+                "id": shown.tolist(),
+                "peak": p_layer.argmax(1).tolist(),
+                "el": [_round(float(x)) for x in self.expected_layer[shown].tolist()],
+                "var": [_round(float(x)) for x in var[shown].tolist()],
+                "count": self.active_token_counts[shown].tolist(),
+            },
             "vocab": {str(i): self.token_string(i) for i in sorted(used_tokens)},
             "contexts": contexts_out,
-            "latents": cards,
+            "cards": cards,
         }
 
+    def _entries(
+        self, values: Tensor, positions: Tensor, shown: Tensor, n: int | None
+    ) -> list[dict[str, list[list[Any]]]]:
+        """Per shown latent, ``{layer: [[position, value], ...]}`` of the filled slots (the first
+        ``n`` of each), without a Python loop over empty (latent, layer) pairs."""
+        pos = positions[shown, :, :n]
+        vals = values[shown, :, :n]
+        row, layer, slot = (pos != EMPTY_POSITION).nonzero(as_tuple=True)
+        out: list[dict[str, list[list[Any]]]] = [{} for _ in range(len(shown))]
+        for r, l, p, v in zip(
+            row.tolist(), layer.tolist(), pos[row, layer, slot].tolist(),
+            vals[row, layer, slot].tolist(), strict=True,
+        ):
+            out[r].setdefault(str(l), []).append([p, _round(v)])
+        return out
+
     def write_html(
-        self, path: str | Path, max_latents: int = 2000, contexts_per_layer: int = 8
+        self, path: str | Path, max_latents: int | None = None, contexts_per_layer: int = 8
     ) -> Path:
         """Write the self-contained explorer page (atomically) and return its path."""
         data = self.page_data(max_latents, contexts_per_layer)
         title = f"MLSAE latent explorer — {self.model_name or self.run_dir.name}"
-        payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
-        page = (
-            _PAGE.replace("__TITLE__", html.escape(title))
-            .replace("__STYLE__", _STYLE)
-            .replace("__SCRIPT__", _SCRIPT)
-            .replace("__DATA__", payload)
-        )
         path = Path(path)
-        atomic_write_text(path, page)
-        logger.info("wrote the explorer (%d latents) to %s", data["n_shown"], path)
+        atomic_write_text(path, render_page(title, data))
+        logger.info(
+            "wrote the explorer (%d latents, %.1f MB) to %s",
+            data["n_shown"],
+            path.stat().st_size / 1e6,
+            path,
+        )
         return path
+
+
+def _trimmed_histograms(counts: Tensor) -> list[dict[str, list[int]]]:
+    """Per latent, ``{layer: [first_bin, count, count, ...]}`` over the non-empty bin range of
+    each layer where the latent is active (``counts``: ``[latents, n_layers, n_bins]``)."""
+    nonzero = counts > 0
+    any_bin = nonzero.any(-1)
+    n_bins = counts.shape[-1]
+    first = torch.where(any_bin, nonzero.int().argmax(-1), 0)
+    last = n_bins - 1 - nonzero.flip(-1).int().argmax(-1)
+    out: list[dict[str, list[int]]] = [{} for _ in range(counts.shape[0])]
+    rows, layers = any_bin.nonzero(as_tuple=True)
+    for r, l in zip(rows.tolist(), layers.tolist(), strict=True):
+        a, b = int(first[r, l]), int(last[r, l])
+        out[r][str(l)] = [a, *counts[r, l, a : b + 1].tolist()]
+    return out
 
 
 def _round(x: float) -> float | None:
@@ -491,7 +600,7 @@ def _round(x: float) -> float | None:
 def explore_run(
     run_dir: str | Path,
     output: str | Path | None = None,
-    max_latents: int = 2000,
+    max_latents: int | None = None,
     contexts_per_layer: int = 8,
 ) -> Path:
     """Write ``explore.html`` (or ``output``) for an analysed run; what ``mlsae-lens explore``
@@ -536,190 +645,6 @@ def serve(path: str | Path, port: int = 8000) -> None:
     finally:
         server.server_close()
 
-
-# ---------------------------------------------------------------------- page template
-
-_PAGE = """<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>__TITLE__</title><style>__STYLE__</style></head>
-<body><h1>__TITLE__</h1>
-<div id="summary"></div>
-<div id="controls"><input id="search" type="search" placeholder="latent id, or text of a token">
-<span id="status"></span></div>
-<div id="cards"></div><button id="more" hidden>show more</button>
-<script type="application/json" id="explorer-data">__DATA__</script>
-<script>__SCRIPT__</script>
-</body></html>
-"""
-
-_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 1.5em auto; color: #222; }
-h1 { font-size: 1.4em; } #summary { font-size: 0.9em; color: #444; margin-bottom: 1em; }
-#controls { position: sticky; top: 0; background: #fff; padding: 0.5em 0; z-index: 1; }
-#search { width: 28em; padding: 4px 8px; font-size: 1em; } #status { margin-left: 1em; color: #555; }
-.card { border: 1px solid #ccc; border-radius: 6px; padding: 0.6em 1em; margin: 0.8em 0; }
-.card h2 { font-size: 1.1em; margin: 0.2em 0 0.4em; } .card h2 small { color: #666; font-weight: normal; }
-.row { display: flex; gap: 2em; } .row > div { flex: 1; min-width: 0; } .lens { font-size: 0.85em; }
-.lens span, .tok { white-space: pre; font-family: ui-monospace, monospace; }
-.lens span { background: #eef; margin: 1px; padding: 0 2px; border-radius: 2px; display: inline-block;
-  max-width: 10em; overflow: hidden; text-overflow: ellipsis; vertical-align: bottom; }
-.lens .neg span { background: #fee; }
-svg .bar { fill: #4a7bd0; cursor: pointer; } svg .bar.sel { fill: #e07b00; }
-.ctx { font-size: 0.85em; margin: 2px 0; } .ctx .v { color: #777; width: 5em; display: inline-block; }
-.tok.act { outline: 1px solid #c55; font-weight: bold; }
-.co { font-size: 0.85em; } .co a { margin-right: 0.6em; } .note { color: #666; font-size: 0.85em; }
-"""
-
-_SCRIPT = r"""
-"use strict";
-window.addEventListener("error", (e) => { document.body.dataset.explorerError = String(e.message); });
-const D = JSON.parse(document.getElementById("explorer-data").textContent);
-const PAGE = 50;
-let matches = [], shown = 0;
-const byId = new Map(D.latents.map((c) => [c.id, c]));
-const tokStr = (i) => (i in D.vocab ? D.vocab[i] : "<" + i + ">").replace(/\n/g, "\u21b5");
-const el = (tag, attrs, ...kids) => {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
-  for (const k of kids) e.append(k);
-  return e;
-};
-const fmt = (x) => (x === null ? "n/a" : Number(x).toPrecision(3));
-
-function searchText(c) {
-  if (!c._text) {
-    const ids = c.pos.map((p) => p[0]);
-    for (const list of Object.values(c.ctx)) for (const [p] of list) {
-      ids.push(D.contexts[Math.floor(p / D.context_size)][p % D.context_size]);
-    }
-    c._text = ids.map(tokStr).join("\u0000").toLowerCase();
-  }
-  return c._text;
-}
-
-function barChart(card, c, pick) {
-  const w = 300, h = 60, n = D.n_layers, bw = w / n;
-  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
-  svg.setAttribute("width", w); svg.setAttribute("height", h + 14);
-  const maxP = Math.max(...c.p.map((x) => x || 0), 1e-9);
-  c.p.forEach((x, l) => {
-    const r = document.createElementNS(svg.namespaceURI, "rect");
-    const bh = Math.max(1, ((x || 0) / maxP) * h);
-    r.setAttribute("x", l * bw + 0.5); r.setAttribute("width", Math.max(1, bw - 1));
-    r.setAttribute("y", h - bh); r.setAttribute("height", bh);
-    r.setAttribute("class", "bar"); r.dataset.layer = l;
-    const t = document.createElementNS(svg.namespaceURI, "title");
-    t.textContent = "layer " + l + ": P(L|J) = " + fmt(x) + (String(l) in c.ctx ? "" : " (no contexts)");
-    r.append(t); r.addEventListener("click", () => pick(l)); svg.append(r);
-  });
-  const lab = document.createElementNS(svg.namespaceURI, "text");
-  lab.setAttribute("x", 0); lab.setAttribute("y", h + 12); lab.setAttribute("font-size", 10);
-  lab.textContent = "P(L|J) over layers 0.." + (n - 1) + " (click a bar)";
-  svg.append(lab);
-  return svg;
-}
-
-function contextsOf(c, layer) {
-  const list = c.ctx[String(layer)] || [];
-  const box = el("div", {"class": "contexts", "data-layer": layer});
-  if (!list.length) { box.append(el("p", {"class": "note"}, "no collected tokens at layer " + layer)); return box; }
-  const maxV = Math.max(...Object.values(c.ctx).flat().map((e) => e[1]));
-  const valueAt = new Map(list.map(([p, v]) => [p, v]));
-  box.append(el("p", {"class": "note"}, "layer " + layer + ": top " + list.length +
-    " tokens (activating token outlined; background \u221d activation of this latent at this layer, where collected)"));
-  for (const [p, v] of list) {
-    const ctx = Math.floor(p / D.context_size), off = p % D.context_size;
-    const row = D.contexts[ctx];
-    const a = Math.max(0, off - D.window[0]), b = Math.min(row.length, off + D.window[1] + 1);
-    const line = el("div", {"class": "ctx"}, el("span", {"class": "v"}, fmt(v)));
-    for (let i = a; i < b; i++) {
-      const q = ctx * D.context_size + i;
-      const s = el("span", {"class": "tok" + (i === off ? " act" : "")}, tokStr(row[i]));
-      if (valueAt.has(q)) s.style.background = "rgba(255,120,0," + (valueAt.get(q) / maxV).toFixed(3) + ")";
-      line.append(s);
-    }
-    box.append(line);
-  }
-  return box;
-}
-
-function card(c) {
-  const layers = Object.keys(c.ctx).map(Number);
-  let best = layers.length ? layers[0] : 0;
-  for (const l of layers) if ((c.p[l] || 0) > (c.p[best] || 0)) best = l;
-  const root = el("div", {"class": "card", "id": "card-" + c.id, "data-latent": c.id});
-  root.append(el("h2", {}, "Latent " + c.id + " ",
-    el("small", {}, "E[L|J] = " + fmt(c.el) + " \u00b7 active on " + c.count + " of " + D.n_tokens +
-      " tokens (" + (100 * c.count / D.n_tokens).toPrecision(3) + "%)")));
-  let ctxBox = contextsOf(c, best);
-  const chart = barChart(root, c, (l) => { const nb = contextsOf(c, l); ctxBox.replaceWith(nb); ctxBox = nb; mark(l); });
-  const mark = (l) => chart.querySelectorAll(".bar").forEach((r) => r.classList.toggle("sel", Number(r.dataset.layer) === l));
-  mark(best);
-  const lens = el("div", {"class": "lens"},
-    el("div", {}, "decoder logit lens +: ", ...c.pos.map(([i, v]) => el("span", {"title": fmt(v)}, tokStr(i)))),
-    el("div", {"class": "neg"}, "decoder logit lens \u2212: ", ...c.neg.map(([i, v]) => el("span", {"title": fmt(v)}, tokStr(i)))));
-  const co = el("div", {"class": "co"}, "co-appearing latents: ");
-  if (!c.co.length) co.append("none");
-  for (const [j, n] of c.co) co.append(el("a", {"href": "#latent=" + j, "title": n + " shared (token, layer) entries"}, String(j) + " (" + n + ")"));
-  root.append(el("div", {"class": "row"}, chart, el("div", {}, lens, co)), ctxBox);
-  return root;
-}
-
-function render() {
-  const box = document.getElementById("cards");
-  const end = Math.min(matches.length, shown + PAGE);
-  for (let i = shown; i < end; i++) box.append(card(matches[i]));
-  shown = end;
-  document.getElementById("more").hidden = shown >= matches.length;
-}
-
-function applySearch(q) {
-  q = q.trim();
-  document.getElementById("cards").replaceChildren();
-  shown = 0;
-  const status = document.getElementById("status");
-  if (/^\d+$/.test(q)) {
-    const c = byId.get(Number(q));
-    matches = c ? [c] : [];
-    if (!c) {
-      const why = Number(q) >= D.d_sae ? "this SAE has " + D.d_sae + " latents" :
-        "it is never active on the analysed tokens, or not among the " + D.n_shown + " most frequently active latents on this page (Explorer.from_run in Python reads every latent)";
-      status.textContent = "latent " + q + " is not on this page: " + why;
-      render(); return;
-    }
-  } else {
-    const t = q.toLowerCase();
-    matches = t ? D.latents.filter((c) => searchText(c).includes(t)) : D.latents;
-  }
-  status.textContent = matches.length + " of " + D.n_shown + " latents" + (q ? " match \u201c" + q + "\u201d" : "");
-  render();
-}
-
-function fromHash() {
-  const m = /latent=([^&]*)/.exec(location.hash);
-  const q = m ? decodeURIComponent(m[1]) : "";
-  document.getElementById("search").value = q;
-  applySearch(q);
-}
-
-document.getElementById("summary").innerHTML = "";
-document.getElementById("summary").append(
-  el("p", {}, "Run " + D.run + ": " + D.n_tokens + " test tokens analysed; " + D.n_active + " of " + D.d_sae +
-    " latents active. This page holds the " + D.n_shown + " most frequently active latents" +
-    (D.n_shown < D.n_active ? " (--max-latents " + D.max_latents + ")" : "") +
-    ", sorted by E[L|J], with their top " + D.contexts_per_layer + " of " + D.top_n + " collected tokens per layer."),
-  el("p", {"class": "note"}, "P(L|J): the latent's distribution over layers (Eq. 10, 0-based layers). Decoder logit lens: " +
-    "tokens with the largest and smallest W_dec[j] \u00b7 W_U (the direction's unnormalized logits; no final norm). " +
-    "Co-appearing latents: how often another latent's own top tokens include the same token at the same layer " +
-    "(counted among collected contexts only, not over all tokens). Search by latent id or token text; #latent=ID in the URL searches too."));
-document.getElementById("search").addEventListener("input", (e) => {
-  history.replaceState(null, "", "#latent=" + encodeURIComponent(e.target.value));
-  applySearch(e.target.value);
-});
-document.getElementById("more").addEventListener("click", render);
-window.addEventListener("hashchange", fromHash);
-fromHash();
-document.body.dataset.explorerReady = "1";
-"""
 
 __all__ = [
     "EXPLORER_FILE",

@@ -26,31 +26,47 @@ MAX_HEATMAP_COLUMNS = 2000
 
 
 def training_curve_figure(log: Sequence[dict[str, float]]) -> go.Figure:
-    """Loss, FVU, L0 and dead fraction against training tokens."""
+    """Loss, FVU, L0 and dead fraction against training tokens, one panel each.
+
+    One panel per metric because the loss of a TopK SAE is (close to) its FVU: on one shared
+    axis the FVU line was drawn exactly under the loss line and could not be seen.
+    """
     tokens = [row["tokens"] for row in log]
-    fig = go.Figure()
-    for key, axis in (("fvu", "y"), ("loss", "y"), ("dead_fraction", "y"), ("l0", "y2")):
+    panels = (
+        ("loss", "training loss"),
+        ("fvu", "FVU"),
+        ("l0", "L0 per vector"),
+        ("dead_fraction", "dead fraction"),
+    )
+    panels = tuple((key, title) for key, title in panels if any(key in row for row in log))
+    n_cols = 2
+    n_rows = max(1, -(-len(panels) // n_cols))
+    fig = make_subplots(
+        rows=n_rows,
+        cols=n_cols,
+        shared_xaxes=True,
+        subplot_titles=[title for _, title in panels],
+        vertical_spacing=0.12,
+    )
+    for i, (key, title) in enumerate(panels):
+        row, col = divmod(i, n_cols)
         fig.add_trace(
             go.Scatter(
                 x=tokens,
-                y=[row[key] for row in log],
-                name=key,
-                yaxis=axis,
-                hovertemplate=f"{key}: %{{y:.4f}}<br>tokens: %{{x}}<extra></extra>",
-            )
+                y=[row_.get(key, np.nan) for row_ in log],
+                name=title,
+                mode="lines",
+                line={"color": _color(i)},
+                showlegend=False,
+                hovertemplate=f"{title}: %{{y:.4g}}<br>tokens: %{{x}}<extra></extra>",
+            ),
+            row=row + 1,
+            col=col + 1,
         )
-    fig.update_layout(
-        title="Training curve",
-        xaxis_title="training tokens",
-        yaxis={"title": "loss / FVU / dead fraction", "rangemode": "tozero"},
-        yaxis2={
-            "title": "L0 per vector",
-            "overlaying": "y",
-            "side": "right",
-            "rangemode": "tozero",
-        },
-        legend={"orientation": "h", "y": -0.2},
-    )
+        fig.update_yaxes(title_text=title, rangemode="tozero", row=row + 1, col=col + 1)
+    for col in range(1, n_cols + 1):
+        fig.update_xaxes(title_text="training tokens", row=n_rows, col=col)
+    fig.update_layout(title="Training curve", height=280 * n_rows + 100)
     return fig
 
 
@@ -292,33 +308,51 @@ def layer_moment_histograms_figure(expected_layer: Tensor, var_layer: Tensor) ->
     return fig
 
 
-def variance_ratio_figure(ratios: Mapping[str, Mapping[str, float | None]]) -> go.Figure:
-    """Eq. 11 and Eq. 12 side by side for several MLSAEs (paper Fig. 5).
+def variance_ratio_figure(
+    ratios: Mapping[str, Mapping[str, float | None]],
+    reference: Mapping[str, Mapping[str, float | None] | None] | None = None,
+) -> go.Figure:
+    """Eq. 11 and Eq. 12 side by side for one or several MLSAEs (paper Fig. 5).
 
     Args:
-        ratios: Run name → dict with ``latent_ratio`` (Eq. 11) and ``token_ratio`` (Eq. 12);
-            ``None`` (undefined) gives no bar, as in the paper.
+        ratios: Run name → dict with ``latent_ratio`` (Eq. 11) and ``token_ratio`` (Eq. 12)
+            by the paper's definition; ``None`` (undefined) gives no bar, as in the paper.
+        reference: Run name → the same keys as the reference code estimates them (per-batch
+            ratios averaged over batches, ``metrics.json``'s ``reference_ratios``); drawn as
+            hatched bars beside the paper's. Runs without them get no hatched bars.
     """
     names = list(ratios)
+    reference = {k: v for k, v in (reference or {}).items() if v}
+    estimators = [("paper definition", ratios, "")]
+    if reference:
+        estimators.append(("reference estimator", reference, "/"))
     fig = go.Figure()
-    for key, label in (
-        ("latent_ratio", "Eq. 11: E[Var(L|J)] / Var(L)"),
-        ("token_ratio", "Eq. 12: E[Var(L|J,T)] / E[Var(L|J)]"),
-    ):
-        values = [ratios[name].get(key) for name in names]
-        fig.add_trace(
-            go.Bar(
-                x=names,
-                y=[np.nan if v is None else v for v in values],
-                name=label,
-                hovertemplate=f"%{{x}}<br>{label}<br>%{{y:.4f}}<extra></extra>",
-            )
+    for i, (key, label) in enumerate(
+        (
+            ("latent_ratio", "Eq. 11: E[Var(L|J)] / Var(L)"),
+            ("token_ratio", "Eq. 12: E[Var(L|J,T)] / E[Var(L|J)]"),
         )
+    ):
+        for estimator, source, pattern in estimators:
+            values = [(source.get(name) or {}).get(key) for name in names]
+            name = label if not reference else f"{label} ({estimator})"
+            fig.add_trace(
+                go.Bar(
+                    x=names,
+                    y=[np.nan if v is None else v for v in values],
+                    name=name,
+                    marker={"color": _color(i), "pattern": {"shape": pattern}},
+                    text=["" if v is None else f"{v:.3f}" for v in values],
+                    textposition="outside",
+                    hovertemplate=f"%{{x}}<br>{name}<br>%{{y:.4f}}<extra></extra>",
+                )
+            )
     fig.update_layout(
         title="Variance ratios over layers",
         barmode="group",
-        yaxis={"title": "ratio", "range": [0, 1]},
+        yaxis={"title": "ratio", "range": [0, 1.05]},
         xaxis_title="MLSAE",
+        legend={"orientation": "h", "y": -0.25},
     )
     return fig
 

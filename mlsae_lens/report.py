@@ -30,17 +30,29 @@ class ReportSection:
 
 
 def table_html(rows: dict[str, Any]) -> str:
+    """Key/value rows; nested dicts become nested tables so configs read as tables, not JSON."""
     body = "".join(
-        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(format_value(v))}</td></tr>"
-        for k, v in rows.items()
+        f"<tr><th>{html.escape(str(k))}</th><td>{_cell_html(v)}</td></tr>" for k, v in rows.items()
     )
     return f"<table>{body}</table>"
 
 
+def _cell_html(value: Any) -> str:
+    if isinstance(value, dict):
+        return table_html(value) if value else "—"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        return "".join(_cell_html(v) for v in value) or "—"
+    return html.escape(format_value(value))
+
+
 def format_value(value: Any) -> str:
+    if value is None:
+        return "—"
     if isinstance(value, float):
         return f"{value:.6g}"
-    if isinstance(value, (dict, list)):
+    if isinstance(value, list):
+        return ", ".join(format_value(v) for v in value) if value else "—"
+    if isinstance(value, dict):
         return json.dumps(value, default=str)
     return str(value)
 
@@ -49,7 +61,8 @@ STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
 th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: left; font-size: 0.9em; }
-th { background: #f4f4f4; }
+th { background: #f4f4f4; vertical-align: top; }
+td table { margin: 0; } td table th { background: #fafafa; font-weight: normal; }
 section { margin-bottom: 2.5em; }
 """
 

@@ -14,6 +14,7 @@ latent co-appearance among the collected contexts (:func:`co_appearing_latents`)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,10 +58,17 @@ class TopContexts:
         n_layers: Layers the MLSAE reads.
         top_n: How many tokens to keep per (latent, layer).
         device: Where the tables live; inputs are moved there.
+        with_payload: Also keep a float ``payload`` per slot, carried along with its entry
+            (the activation of a sampled token, whose ``values`` are sampling priorities).
     """
 
     def __init__(
-        self, n_latents: int, n_layers: int, top_n: int = 16, device: torch.device | str = "cpu"
+        self,
+        n_latents: int,
+        n_layers: int,
+        top_n: int = 16,
+        device: torch.device | str = "cpu",
+        with_payload: bool = False,
     ) -> None:
         if n_latents < 1 or n_layers < 1 or top_n < 1:
             raise MLSAEError(
@@ -72,17 +80,24 @@ class TopContexts:
         shape = (n_latents, n_layers, top_n)
         self.values = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self.positions = torch.full(shape, EMPTY_POSITION, dtype=torch.int64, device=self.device)
+        self.payload: Tensor | None = (
+            torch.zeros(shape, dtype=torch.float32, device=self.device) if with_payload else None
+        )
         self.n_tokens = 0
 
     # ------------------------------------------------------------------ updates
 
-    def update(self, indices: Tensor, values: Tensor, positions: Tensor) -> None:
+    def update(
+        self, indices: Tensor, values: Tensor, positions: Tensor, payload: Tensor | None = None
+    ) -> None:
         """Fold in one batch of top-k codes.
 
         Args:
             indices: ``[tokens, n_layers, k]`` latent indices (the SAE's ``encode_topk``).
             values: ``[tokens, n_layers, k]`` post-ReLU activations; zeros are ignored.
             positions: ``[tokens]`` global token positions, distinct from earlier updates'.
+            payload: ``[tokens, n_layers, k]``, kept with each entry (tables built
+                ``with_payload`` only).
         """
         if indices.ndim != 3 or indices.shape != values.shape or indices.shape[1] != self.n_layers:
             raise MLSAEError(
@@ -101,7 +116,12 @@ class TopContexts:
         keep = vals > 0
         segment = (idx * self.n_layers + layer)[keep]
         token_pos = pos.view(-1, 1, 1).expand_as(idx)[keep]
-        self._merge_triples(segment, vals[keep], token_pos)
+        extra = None
+        if self.payload is not None:
+            if payload is None or payload.shape != indices.shape:
+                raise MLSAEError("this table keeps a payload: pass one per (token, layer, slot)")
+            extra = payload.to(self.device, torch.float32)[keep]
+        self._merge_triples(segment, vals[keep], token_pos, extra)
         self.n_tokens += int(indices.shape[0])
 
     def merge(self, other: TopContexts) -> TopContexts:
@@ -117,11 +137,18 @@ class TopContexts:
         pos = other.positions.to(self.device).reshape(-1)
         keep = pos != EMPTY_POSITION
         segment = torch.arange(vals.shape[0], device=self.device) // self.top_n
-        self._merge_triples(segment[keep], vals[keep], pos[keep])
+        extra = None
+        if self.payload is not None:
+            if other.payload is None:
+                raise MLSAEError("cannot merge a table without payload into one with payload")
+            extra = other.payload.to(self.device).reshape(-1)[keep]
+        self._merge_triples(segment[keep], vals[keep], pos[keep], extra)
         self.n_tokens += other.n_tokens
         return self
 
-    def _merge_triples(self, segment: Tensor, value: Tensor, position: Tensor) -> None:
+    def _merge_triples(
+        self, segment: Tensor, value: Tensor, position: Tensor, payload: Tensor | None = None
+    ) -> None:
         """Segmented top-N of the current tables plus new (segment, value, position) triples.
 
         Only the segments the triples touch are read and written: the batch's own best
@@ -133,6 +160,8 @@ class TopContexts:
         n = self.top_n
         order = _lexsort(segment, -value, position)
         segment, value, position = segment[order], value[order], position[order]
+        if payload is not None:
+            payload = payload[order]
         unique, counts, ranks = _segment_ranks(segment)
         row = torch.arange(unique.shape[0], device=self.device).repeat_interleave(counts)
         keep = ranks < n
@@ -151,12 +180,23 @@ class TopContexts:
         by_val = torch.argsort(cand_vals, dim=1, descending=True, stable=True)[:, :n]
         table_vals[unique] = cand_vals.gather(1, by_val)
         table_pos[unique] = cand_pos.gather(1, by_val)
+        if self.payload is not None and payload is not None:
+            table_extra = self.payload.view(-1, n)
+            cand_extra = torch.zeros_like(cand_vals)
+            cand_extra[:, :n] = table_extra[unique]
+            cand_extra[row[keep], n + ranks[keep]] = payload[keep]
+            cand_extra = cand_extra.gather(1, by_pos)
+            table_extra[unique] = cand_extra.gather(1, by_val)
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and sizes; round-trips through :meth:`from_state_dict`."""
+        state: dict[str, Any] = {}
+        if self.payload is not None:
+            state["payload"] = self.payload.clone()
         return {
+            **state,
             "values": self.values.clone(),
             "positions": self.positions.clone(),
             "n_latents": self.n_latents,
@@ -170,9 +210,15 @@ class TopContexts:
         cls, state: dict[str, Any], device: torch.device | str = "cpu"
     ) -> TopContexts:
         """A table holding ``state`` (as written by :meth:`state_dict`)."""
-        top = cls(int(state["n_latents"]), int(state["n_layers"]), int(state["top_n"]), device)
+        top = cls(
+            int(state["n_latents"]),
+            int(state["n_layers"]),
+            int(state["top_n"]),
+            device,
+            with_payload="payload" in state,
+        )
         expected = (top.n_latents, top.n_layers, top.top_n)
-        for name in ("values", "positions"):
+        for name in ("values", "positions", *(("payload",) if "payload" in state else ())):
             if tuple(state[name].shape) != expected:
                 raise MLSAEError(
                     f"the saved top-context {name} have shape {tuple(state[name].shape)}, not "
@@ -180,6 +226,8 @@ class TopContexts:
                 )
         top.values = state["values"].to(top.device, torch.float32).clone()
         top.positions = state["positions"].to(top.device, torch.int64).clone()
+        if "payload" in state:
+            top.payload = state["payload"].to(top.device, torch.float32).clone()
         top.n_tokens = int(state["n_tokens"])
         return top
 
@@ -194,14 +242,28 @@ def valid_token_positions(special_mask: Tensor, start: int, stop: int) -> Tensor
 
 @torch.inference_mode()
 def decoder_logit_lens(
-    W_dec: Tensor, W_U: Tensor, n: int = 10, chunk: int = 256
+    W_dec: Tensor,
+    W_U: Tensor,
+    n: int = 10,
+    chunk: int = 256,
+    final_norm: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The ``n`` most positive and most negative entries of ``W_dec[j] @ W_U`` per latent.
+    """The ``n`` most positive and most negative logit effects of each decoder row.
 
-    A decoder row is a direction, not a residual state, so the final norm's normalization is
-    not applied (TransformerLens folds its scale into ``W_U``); the logits are unnormalized and
-    only their order within a row is meaningful. Rows are done ``chunk`` at a time so the
-    ``[d_sae, d_vocab]`` product never exists whole.
+    With ``final_norm`` (the model's ``ln_final``), the effect of row ``d_j`` is
+
+        e_j = (final_norm(d_j) - final_norm(0)) @ W_U,   minus its mean over the vocabulary:
+
+    the logits the model's final norm and unembedding give a residual stream equal to the
+    direction ``d_j``, without the parts that do not depend on the latent (the norm's bias and
+    ``b_U``, the same for every latent) and relative to the mean logit (a softmax ignores a
+    shift). The norm divides by the direction's RMS (LayerNorm also removes its mean), so these
+    are the logits of a residual of unit RMS along ``d_j``, in nats of log-odds between tokens.
+    The numbers are the same whether TransformerLens folded the norm (``fold_ln`` moves its
+    weight into ``W_U`` and its bias into ``b_U``, ``center_unembed`` shifts every row of
+    ``W_U``) or not. Without ``final_norm`` they are the bare ``d_j @ W_U`` (only their order
+    within a row is meaningful). Rows are done ``chunk`` at a time so the ``[d_sae, d_vocab]``
+    product never exists whole.
 
     Returns:
         ``(top_ids, top_values, bottom_ids, bottom_values)``, each ``[d_sae, n]``; the bottom
@@ -211,7 +273,12 @@ def decoder_logit_lens(
     W_U = W_U.to(W_dec.device, torch.float32)
     parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
     for start in range(0, W_dec.shape[0], chunk):
-        logits = W_dec[start : start + chunk].float() @ W_U
+        rows = W_dec[start : start + chunk].float()
+        if final_norm is not None:
+            rows = final_norm(rows).float() - final_norm(torch.zeros_like(rows[:1])).float()
+        logits = rows @ W_U
+        if final_norm is not None:
+            logits -= logits.mean(1, keepdim=True)
         top = logits.topk(n, dim=1)
         bottom = logits.topk(n, dim=1, largest=False)
         parts.append((top.indices, top.values, bottom.indices, bottom.values))

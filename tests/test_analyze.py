@@ -11,7 +11,7 @@ from transformer_lens import HookedTransformer
 
 from mlsae_lens import MLSAEError
 from mlsae_lens.activations import harvest_resid_post, valid_token_vectors
-from mlsae_lens.analysis import variance_ratios
+from mlsae_lens.analysis import reference_per_batch_ratios, variance_ratios
 from mlsae_lens.analyze import (
     AnalysisOptions,
     AnalysisStats,
@@ -27,6 +27,7 @@ from mlsae_lens.data import TokenSplits
 from mlsae_lens.evals import evaluate_reconstruction
 from mlsae_lens.pipeline import load_sae
 from mlsae_lens.sae import scatter_topk
+from mlsae_lens.topk_contexts import valid_token_positions
 from mlsae_lens.training import MultiLayerSAETrainingRunner
 from tiny import tiny_token_splits, tiny_transformer
 
@@ -141,6 +142,47 @@ def test_metrics_equal_brute_force_ratios_and_norms(run_dir, tiny_model, tiny_sp
     assert resid["mean_cosine_adjacent_centered"] == pytest.approx(cos.tolist(), rel=1e-6)
 
 
+def test_metrics_hold_the_reference_estimator_of_the_ratios(run_dir, tiny_model, tiny_splits) -> None:
+    metrics = analyze(run_dir, tiny_model, tiny_splits, tokens=50)
+    _, codes = dense_test_codes(run_dir, tiny_model, tiny_splits, 50)
+    expected = reference_per_batch_ratios([codes])  # 50 tokens: one (partial) 2,048-token batch
+    got = metrics["reference_ratios"]
+    assert got["n_batches"] == 1 and got["batch_tokens"] == 2048 and got["last_batch_tokens"] == 50
+    assert got["latent_ratio"] == pytest.approx(expected["latent_ratio"], rel=1e-9)
+    assert got["token_ratio"] == pytest.approx(expected["token_ratio"], rel=1e-9)
+    assert got["latent_ratio"] != pytest.approx(metrics["layer_distribution"]["latent_ratio"])
+
+
+def test_skip_first_position_drops_position_zero_from_the_norm_statistics(
+    run_dir, tiny_model, tiny_splits
+) -> None:
+    metrics = analyze(run_dir, tiny_model, tiny_splits, tokens=1000, skip_first_position=True)
+    vectors, _ = dense_test_codes(run_dir, tiny_model, tiny_splits, 120)
+    positions = valid_token_positions(tiny_splits.test == EOS, 0, tiny_splits.test.shape[0])
+    keep = positions % tiny_splits.test.shape[1] != 0
+    assert 0 < int((~keep).sum()) < 120  # the tiny split has valid tokens at position 0
+    x = vectors[keep].double()
+    resid = metrics["residual"]
+    assert resid["n_tokens"] == resid["n_tokens_centered"] == int(keep.sum())
+    assert resid["mean_norm"] == pytest.approx(x.norm(dim=-1).mean(0).tolist(), rel=1e-6)
+    assert resid["centered_mean_norm"] == pytest.approx(
+        (x - x.mean(0)).norm(dim=-1).mean(0).tolist(), rel=1e-6
+    )
+    assert metrics["layer_distribution"]["n_tokens"] == 120  # latents still see every token
+    assert metrics["analysis"]["skip_first_position"] is True
+    assert "left each context's first position out" in (run_dir / "report.html").read_text()
+    with pytest.raises(MLSAEError, match="skip_first_position"):  # resume checks the setting
+        analyze(run_dir, tiny_model, tiny_splits, tokens=1000, resume=True)
+
+
+def test_cli_passes_skip_first_position_to_the_analysis() -> None:
+    from mlsae_lens.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["analyze", "RUN", "--skip-first-position"]).skip_first_position
+    assert not parser.parse_args(["analyze", "RUN"]).skip_first_position
+
+
 def test_token_budget_is_capped_at_the_test_split(run_dir, tiny_model, tiny_splits) -> None:
     metrics = analyze(run_dir, tiny_model, tiny_splits, tokens=10_000_000)
     assert metrics["layer_distribution"]["n_tokens"] == 120
@@ -214,6 +256,7 @@ def test_resume_after_a_crash_equals_a_single_run(
 
     resumed = analyze(crashed, tiny_model, tiny_splits, tokens=1000, batch_size=BATCH, resume=True)
     assert resumed["layer_distribution"] == expected["layer_distribution"]
+    assert resumed["reference_ratios"] == expected["reference_ratios"]
     assert resumed["residual"] == expected["residual"]
     a = AnalysisStats.load(single / "stats.safetensors")
     b = AnalysisStats.load(crashed / "stats.safetensors")
@@ -231,13 +274,32 @@ def test_resume_after_a_crash_equals_a_single_run(
             assert same, name
 
 
+def test_resume_in_the_centered_pass_with_skip_first_position_equals_a_single_run(
+    tmp_path, trained_run, tiny_model, tiny_splits
+) -> None:
+    single = Path(shutil.copytree(trained_run, tmp_path / "single"))
+    crashed = Path(shutil.copytree(trained_run, tmp_path / "crashed"))
+    opts = {"tokens": 1000, "batch_size": BATCH, "skip_first_position": True}
+    expected = analyze(single, tiny_model, tiny_splits, **opts)
+    Crash(tiny_model, 7)  # the third model batch of the centered pass
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            analyze(crashed, tiny_model, tiny_splits, **opts)
+    finally:
+        tiny_model.reset_hooks()
+    assert AnalysisStats.load(crashed / "stats.safetensors").progress["phase"] == "centered"
+    resumed = analyze(crashed, tiny_model, tiny_splits, **opts, resume=True)
+    assert resumed["residual"] == expected["residual"]
+
+
 def test_report_holds_training_evaluation_and_analysis(run_dir, tiny_model, tiny_splits) -> None:
     sae = load_sae(run_dir)
     result = evaluate_reconstruction(sae, tiny_model, tiny_splits.test, tiny_splits.test == EOS)
     atomic_write_json(run_dir / "eval.json", result.to_dict())
     analyze(run_dir, tiny_model, tiny_splits, tokens=1000, prompt="John gave Mary")
     text = (run_dir / "report.html").read_text()
-    assert text.count('class="plotly-graph-div"') == 8  # training, FVU, 2 latent, 2 prompt, 2 norm
+    # training, FVU, Eq. 11/12 bars, 2 latent, 2 prompt, 2 norm
+    assert text.count('class="plotly-graph-div"') == 9
     for heading in (
         "Training",
         "Reconstruction on the held-out split",
@@ -248,10 +310,15 @@ def test_report_holds_training_evaluation_and_analysis(run_dir, tiny_model, tiny
     ):
         assert f"<h2>{heading}</h2>" in text, heading
     assert "E[Var(L|J)] + Var(E[L|J])" in text and "never-active latents" in text
+    assert "Eq. 11, reference estimator" in text and "reference estimator" in text
+    assert "first position of each packed context" in text and "--skip-first-position" in text
+    # config and corpus as nested tables, not JSON text in a cell
+    assert "<h3>Configuration (run.json)</h3><table><tr><th>" in text
+    assert "{&quot;" not in text and '{"' not in text.split("<script")[0]
 
     (run_dir / "report.html").unlink()
     build_run_report(run_dir)  # redrawn from the saved files alone
-    assert (run_dir / "report.html").read_text().count('class="plotly-graph-div"') == 8
+    assert (run_dir / "report.html").read_text().count('class="plotly-graph-div"') == 9
 
 
 def test_prompt_view_picks_the_latent_with_the_largest_total_activation(
@@ -377,7 +444,8 @@ def test_cli_analyze_on_the_embedded_model(tmp_path) -> None:
     assert metrics["layer_distribution"]["n_tokens"] == 200
     assert 0 <= metrics["layer_distribution"]["latent_ratio"] <= 1
     assert metrics["prompt"]["tokens"][:2] == ["When", " John"]
-    assert (run / "report.html").read_text().count('class="plotly-graph-div"') == 6
+    # Eq. 11/12 bars, 2 latent, 2 prompt, 2 norm
+    assert (run / "report.html").read_text().count('class="plotly-graph-div"') == 7
 
 
 # ---------------------------------------------------------------------- the report in a browser
@@ -428,7 +496,8 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path, tiny_model, tiny
     size, ink = png_size_and_ink(out)
     assert size == (1200, 3000)
     assert ink > 0.01, f"the screenshot is nearly blank ({ink:.1%} non-zero filtered bytes)"
-    assert script.drawn_figures(report, chromium) == 7  # training + 2 latent + 2 prompt + 2 norm
+    # training + Eq. 11/12 bars + 2 latent + 2 prompt + 2 norm
+    assert script.drawn_figures(report, chromium) == 8
 
 
 def test_a_damaged_stats_file_is_named_and_overwrite_replaces_it(

@@ -24,6 +24,7 @@ from test_analyze import (  # the tiny model, its test split and a run trained o
 )
 
 from mlsae_lens import MLSAEError
+from mlsae_lens.activation_samples import N_BINS, bin_index, sample_priority
 from mlsae_lens.cli import main
 from mlsae_lens.explorer import TOP_CONTEXTS_FILE, Explorer, load_top_contexts
 from mlsae_lens.pipeline import load_sae
@@ -159,6 +160,32 @@ def test_decoder_logit_lens_equals_the_dense_product() -> None:
     assert torch.allclose(logits.gather(1, bottom_ids), bottom_vals)
 
 
+def test_logit_effects_through_the_final_norm_are_the_same_folded_or_not() -> None:
+    import copy
+
+    from tiny import tiny_transformer
+
+    model = tiny_transformer()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a final LayerNorm with a non-trivial weight and bias
+        model.ln_final.w.copy_(torch.rand(16, generator=g) + 0.5)
+        model.ln_final.b.copy_(torch.randn(16, generator=g))
+    folded = copy.deepcopy(model)
+    folded.process_weights_(fold_ln=True, center_writing_weights=False, center_unembed=True)
+    assert not hasattr(folded.ln_final, "w") and not torch.allclose(folded.W_U, model.W_U)
+    W_dec = torch.nn.functional.normalize(torch.randn(7, 16, generator=g), dim=1)
+    mine = decoder_logit_lens(W_dec, model.W_U.detach(), 5, 3, final_norm=model.ln_final)
+    theirs = decoder_logit_lens(W_dec, folded.W_U.detach(), 5, 3, final_norm=folded.ln_final)
+    assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[2], theirs[2])
+    assert torch.allclose(mine[1], theirs[1], atol=1e-5)
+    # by hand: LayerNorm of the direction without its bias, the unfolded W_U, centered logits
+    d = W_dec - W_dec.mean(1, keepdim=True)
+    normed = d / (d.square().mean(1, keepdim=True) + model.cfg.eps).sqrt() * model.ln_final.w
+    logits = normed.detach() @ model.W_U.detach()
+    logits -= logits.mean(1, keepdim=True)
+    assert torch.allclose(mine[1], logits.sort(1, descending=True).values[:, :5], atol=1e-5)
+
+
 # ---------------------------------------------------------------------- in the analysis
 
 
@@ -174,7 +201,8 @@ def analysed(run_dir, tiny_model, tiny_splits) -> Path:  # noqa: F811 (fixture)
 
 
 def test_analysis_collects_the_brute_force_top_contexts(analysed, tiny_model, tiny_splits) -> None:  # noqa: F811
-    top, extra, meta = load_top_contexts(analysed / TOP_CONTEXTS_FILE)
+    contexts, extra, meta = load_top_contexts(analysed / TOP_CONTEXTS_FILE)
+    top = contexts.top
     assert meta["complete"] and top.n_tokens == 100 and top.top_n == 4
     _, codes = dense_test_codes(analysed, tiny_model, tiny_splits, 100)  # [tokens, L, d_sae]
     positions = valid_token_positions(tiny_splits.test == EOS, 0, tiny_splits.test.shape[0])[:100]
@@ -188,6 +216,27 @@ def test_analysis_collects_the_brute_force_top_contexts(analysed, tiny_model, ti
     assert int(top.positions.max()) < tiny_splits.test.numel()
     kept = extra["context_ids"].tolist()
     assert torch.equal(extra["context_tokens"].long(), tiny_splits.test[kept])
+
+    # histograms and quantile samples of the same pass, against brute force over the dense codes
+    hist = torch.zeros(top.n_latents, top.n_layers, N_BINS, dtype=torch.int32)
+    sampled: dict[tuple[int, int], list[tuple[float, int, float]]] = {}
+    for t, layer, j in (codes > 0).nonzero().tolist():
+        value = codes[t, layer, j]
+        hist[j, layer, int(bin_index(value.view(1)))] += 1
+        latent = torch.full((1, top.n_layers, 1), j)
+        priority = float(sample_priority(latent, positions[t].view(1), top.n_layers)[0, layer, 0])
+        sampled.setdefault((j, layer), []).append((-priority, int(positions[t]), float(value)))
+    # batched and one-shot encodes may differ in the last bits, so a bin edge may flip
+    assert (contexts.hist.counts != hist).sum() <= 2
+    assert int(contexts.hist.counts.sum()) == int((codes > 0).sum())
+    samples = contexts.samples
+    for (j, layer), entries in sampled.items():
+        want = sorted(entries)[: samples.top_n]  # largest priority, then earliest position
+        kept = [p for p in samples.positions[j, layer].tolist() if p >= 0]
+        assert kept == [p for _, p, _ in want]
+        assert samples.payload[j, layer, : len(want)].tolist() == pytest.approx(
+            [v for *_, v in want], rel=1e-5
+        )
 
 
 def test_python_api_gives_windows_around_the_activating_token(analysed, tiny_splits) -> None:  # noqa: F811
@@ -234,7 +283,9 @@ def test_resume_after_a_crash_gives_the_same_top_contexts(
     analyze(crashed, tiny_model, tiny_splits, tokens=1000, batch_size=BATCH, resume=True)
     a, a_extra, _ = load_top_contexts(single / TOP_CONTEXTS_FILE)
     b, b_extra, _ = load_top_contexts(crashed / TOP_CONTEXTS_FILE)
-    assert torch.equal(a.values, b.values) and torch.equal(a.positions, b.positions)
+    a_tables, b_tables = a.tensors(), b.tensors()
+    assert a_tables.keys() == b_tables.keys() and "hist_counts" in a_tables
+    assert all(torch.equal(a_tables[k], b_tables[k]) for k in a_tables)
     assert a_extra.keys() == b_extra.keys()
     assert all(torch.equal(a_extra[k], b_extra[k]) for k in a_extra)
 
@@ -248,20 +299,67 @@ def test_without_top_contexts_the_explorer_says_how_to_get_them(
         Explorer.from_run(analysed)
 
 
+def page_json(path: Path) -> dict:
+    text = path.read_text()
+    return json.loads(re.search(r'id="explorer-data">(.*?)</script>', text, re.S).group(1))
+
+
 def test_cli_explore_writes_a_page_holding_every_active_latent(analysed, capsys) -> None:
     out = analysed / "page" / "x.html"
-    assert main(["explore", str(analysed), "--output", str(out), "--max-latents", "5"]) == 0
+    assert main(["explore", str(analysed), "--output", str(out)]) == 0
     assert f"explorer: {out}" in capsys.readouterr().out
-    text = out.read_text()
-    data = json.loads(re.search(r'id="explorer-data">(.*?)</script>', text, re.S).group(1))
-    assert data["n_shown"] == 5 and data["n_active"] > 5
+    data = page_json(out)
     explorer = Explorer.from_run(analysed)
     counts = explorer.active_token_counts
-    shown = [c["id"] for c in data["latents"]]
+    active = (counts > 0).nonzero().squeeze(1).tolist()
+    assert data["n_shown"] == data["n_active"] == len(active)  # every active latent by default
+    assert sorted(data["index"]["id"]) == active
+    assert data["index"]["count"] == sorted(data["index"]["count"], reverse=True)
+    ids = torch.tensor(data["index"]["id"])
+    peak = explorer.layer_given_latent[ids].argmax(1)
+    assert data["index"]["peak"] == peak.tolist()
+    assert data["index"]["var"] == pytest.approx(explorer.var_layer[ids].tolist(), rel=1e-3)
+    first = data["cards"][0]
+    layer = next(iter(first["hist"]))
+    start, *hist_counts = first["hist"][layer]
+    expected = explorer.histogram(data["index"]["id"][0], int(layer))[1]
+    assert hist_counts == expected[start : start + len(hist_counts)].tolist()
+    assert sum(hist_counts) == int(expected.sum())
+    assert "ln_final" in data["logit_note"]
+
+    assert main(["explore", str(analysed), "--output", str(out), "--max-latents", "5"]) == 0
+    data = page_json(out)
+    assert data["n_shown"] == 5 and data["n_active"] > 5
+    shown = data["index"]["id"]
     assert min(counts[shown]) >= sorted(counts.tolist(), reverse=True)[4]  # the most frequent
-    els = [c["el"] for c in data["latents"]]
-    assert els == sorted(els)
     assert main(["explore", str(analysed.parent / "nope")]) == 2
+
+
+def test_files_written_before_samples_still_open(analysed, tmp_path) -> None:
+    from mlsae_lens.analysis.layer_stats import read_safetensors, write_safetensors
+
+    path = analysed / TOP_CONTEXTS_FILE
+    tensors, meta = read_safetensors(path, "mlsae_lens.TopContexts/1")
+    old = {k: v for k, v in tensors.items() if not k.startswith(("sample_", "hist_"))}
+    write_safetensors(path, old, "mlsae_lens.TopContexts/1", meta)
+    explorer = Explorer.from_run(analysed)
+    assert explorer.samples is None and explorer.quantile_samples(0, 0) == []
+    with pytest.raises(MLSAEError, match="before histograms were collected"):
+        explorer.histogram(0, 0)
+    data = page_json(explorer.write_html(tmp_path / "old.html"))
+    assert data["sample_n"] == 0 and all(not c["smp"] and not c["hist"] for c in data["cards"])
+
+
+def test_quantile_samples_are_active_tokens_sorted_with_their_quantiles(analysed) -> None:
+    explorer = Explorer.from_run(analysed)
+    latent, layer = (explorer.samples.positions[:, :, 2] >= 0).nonzero()[0].tolist()
+    samples = explorer.quantile_samples(latent, layer)
+    assert len(samples) >= 3
+    values = [s["value"] for s in samples]
+    assert values == sorted(values) and min(values) > 0
+    quantiles = [s["quantile"] for s in samples]
+    assert quantiles == sorted(quantiles) and 0 <= quantiles[0] and quantiles[-1] <= 1
+    assert samples[-1]["value"] <= explorer.top_contexts(latent, layer)[0]["value"]
 
 
 # ---------------------------------------------------------------------- the page in Chromium
@@ -284,10 +382,8 @@ def test_explorer_page_works_offline_in_headless_chromium(analysed, tmp_path) ->
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium): cannot render the page")
     page = Explorer.from_run(analysed).write_html(tmp_path / "explore.html")
-    data = json.loads(
-        re.search(r'id="explorer-data">(.*?)</script>', page.read_text(), re.S).group(1)
-    )
-    latent = data["latents"][len(data["latents"]) // 2]["id"]
+    data = page_json(page)
+    latent = data["index"]["id"][len(data["index"]["id"]) // 2]
 
     proc = chromium_dump(chromium, page.as_uri(), ["--dump-dom"])
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
@@ -301,6 +397,20 @@ def test_explorer_page_works_offline_in_headless_chromium(analysed, tmp_path) ->
     assert re.findall(r'class="card" id="card-(\d+)"', proc.stdout) == [str(latent)]
     assert 'class="ctx"' in proc.stdout and 'class="tok act"' in proc.stdout
     assert proc.stdout.count('class="bar') == data["n_layers"]
+    assert proc.stdout.count('class="hbar"') >= 1  # the activation histogram
+    assert ">P(L|J)</text>" in proc.stdout and ">layer</text>" in proc.stdout  # axis titles
+    assert "top logit effects" in proc.stdout and "bottom logit effects" in proc.stdout
+    assert "quantile samples" in proc.stdout and "density " in proc.stdout
+
+    # sorting and filtering from the URL: peak layer 1 only, sorted by E[L|J]
+    proc = chromium_dump(chromium, f"{page.as_uri()}#sort=el&peak-min=1&peak-max=1", ["--dump-dom"])
+    assert 'data-explorer-ready="1"' in proc.stdout, proc.stderr[-2000:]
+    peaks = re.findall(r'class="card" id="card-\d+" data-latent="\d+" data-peak="(\d+)"', proc.stdout)
+    expected = sum(1 for p in data["index"]["peak"] if p == 1)
+    assert expected > 0 and peaks == ["1"] * min(50, expected)
+    shown_ids = [int(i) for i in re.findall(r'class="card" id="card-(\d+)"', proc.stdout)]
+    el_of = dict(zip(data["index"]["id"], data["index"]["el"]))
+    assert [el_of[i] for i in shown_ids] == sorted(el_of[i] for i in shown_ids)
 
     shot = tmp_path / "explore.png"
     chromium_dump(

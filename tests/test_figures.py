@@ -140,6 +140,32 @@ def test_variance_ratio_bars_group_runs_and_skip_undefined_values() -> None:
     assert "Eq. 11" in fig.data[0].name and "Eq. 12" in fig.data[1].name
 
 
+def test_variance_ratio_bars_show_the_reference_estimator_beside_the_paper() -> None:
+    fig = variance_ratio_figure(
+        {"run": {"latent_ratio": 0.6, "token_ratio": 0.05}},
+        {"run": {"latent_ratio": 0.7, "token_ratio": 0.1}},
+    )
+    assert [t.name for t in fig.data] == [
+        "Eq. 11: E[Var(L|J)] / Var(L) (paper definition)",
+        "Eq. 11: E[Var(L|J)] / Var(L) (reference estimator)",
+        "Eq. 12: E[Var(L|J,T)] / E[Var(L|J)] (paper definition)",
+        "Eq. 12: E[Var(L|J,T)] / E[Var(L|J)] (reference estimator)",
+    ]
+    assert [list(t.y) for t in fig.data] == [[0.6], [0.7], [0.05], [0.1]]
+    assert [t.text[0] for t in fig.data] == ["0.600", "0.700", "0.050", "0.100"]
+    assert fig.data[1].marker.pattern.shape == "/" and not fig.data[0].marker.pattern.shape
+
+
+def test_training_curve_puts_each_metric_on_its_own_axis() -> None:
+    log = [
+        {"tokens": t, "fvu": 0.5, "loss": 0.5, "dead_fraction": 0.0, "l0": 4.0} for t in (10, 20)
+    ]
+    fig = training_curve_figure(log)
+    # loss equals FVU here: on one axis one line would hide the other
+    assert [t.name for t in fig.data] == ["training loss", "FVU", "L0 per vector", "dead fraction"]
+    assert len({t.yaxis for t in fig.data}) == 4
+
+
 def test_existing_training_and_fvu_figures_still_draw() -> None:
     log = [
         {"tokens": t, "fvu": 1.0, "loss": 1.0, "dead_fraction": 0.0, "l0": 4.0} for t in (10, 20)

@@ -492,14 +492,9 @@ def reference_per_batch_ratios(
                 )
             stats = LayerDistributionStats(indices.shape[1], n_latents, indices.device)
             stats.update_sparse(indices, values)
-        layers = torch.arange(stats.n_layers, dtype=torch.float64, device=stats.device)
-        q_latent = stats.sum_p / stats.n_tokens  # [J, L], rows sum to the active fraction
-        q = q_latent.mean(0)
-        var_layer = _raw_var(q, layers)
-        mean_var_latent = _raw_var(q_latent, layers).mean()
-        mean_var_token = stats.sum_var.sum() / (stats.n_tokens * stats.n_latents)
-        latent_ratios.append(_ratio(_item(mean_var_latent), _item(var_layer)))
-        token_ratios.append(_ratio(_item(mean_var_token), _item(mean_var_latent)))
+        latent_ratio, token_ratio = reference_batch_ratios(stats)
+        latent_ratios.append(latent_ratio)
+        token_ratios.append(token_ratio)
     if not latent_ratios:
         raise MLSAEError("reference_per_batch_ratios got no batches: pass at least one batch.")
     return {
@@ -509,6 +504,21 @@ def reference_per_batch_ratios(
         "token_ratios": token_ratios,
         "n_batches": len(latent_ratios),
     }
+
+
+def reference_batch_ratios(stats: LayerDistributionStats) -> tuple[float, float]:
+    """The reference's ``(Eq. 11, Eq. 12)`` ratios of one batch accumulated in ``stats``
+    (uniform weighting), as :func:`reference_per_batch_ratios` describes; NaN if undefined."""
+    layers = torch.arange(stats.n_layers, dtype=torch.float64, device=stats.device)
+    q_latent = stats.sum_p / max(stats.n_tokens, 1)  # [J, L], rows sum to the active fraction
+    q = q_latent.mean(0)
+    var_layer = _raw_var(q, layers)
+    mean_var_latent = _raw_var(q_latent, layers).mean()
+    mean_var_token = stats.sum_var.sum() / (max(stats.n_tokens, 1) * stats.n_latents)
+    return (
+        _ratio(_item(mean_var_latent), _item(var_layer)),
+        _ratio(_item(mean_var_token), _item(mean_var_latent)),
+    )
 
 
 def _raw_var(r: Tensor, layers: Tensor) -> Tensor:
