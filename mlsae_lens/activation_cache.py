@@ -82,7 +82,7 @@ def write_activation_cache(
         raise MLSAEError("--contexts-per-shard must be positive")
     (output / "train").mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    model = model if model is not None else load_model(cfg.model_name, device=device)
+    model = model if model is not None else load_model(cfg.model_name, device=device, backend=cfg.model_backend)
     splits = splits if splits is not None else cfg.load_token_splits(model.tokenizer)
     tokens, mask = splits.train, special_token_mask(splits.train, model.tokenizer)
     batch = resolve_model_batch_size(cfg.model_batch_size, model.cfg, tokens.shape[1], device)

@@ -188,7 +188,7 @@ def cmd_train_lens(args: argparse.Namespace) -> None:
         eval_tokens=args.eval_tokens, lr_scale=args.lr_scale, momentum=args.momentum,
         weight_decay=args.weight_decay, model_batch_size=args.model_batch_size, seed=args.seed,
     )
-    model = load_model(args.model, device=resolve_device(args.device))
+    model = load_model(args.model, device=resolve_device(args.device), backend=args.model_backend)
     splits = load_token_splits(
         args.dataset, tokenizer=model.tokenizer, context_size=args.context_size,
         test_fraction=args.test_fraction, max_tokens=args.max_corpus_tokens, seed=args.seed,
@@ -229,6 +229,8 @@ def add_train_lens_parser(sub: Any) -> None:
                 "test_fraction": float}.get(name, str)
         tl.add_argument("--" + name.replace("_", "-"), type=kind, default=f.default,
                         help=f.metadata["help"] + " (default: %(default)s)")
+    tl.add_argument("--model-backend", choices=["bridge", "hooked"], default=run.model_backend,
+                    help="as for train (default: %(default)s)")
     tl.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
     tl.set_defaults(func=cmd_train_lens)
 

@@ -42,9 +42,8 @@ from mlsae_lens.topk_contexts import (
 )
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
-
     from mlsae_lens.analyze import AnalysisOptions, AnalysisStats
+    from mlsae_lens.models import LanguageModel
     from mlsae_lens.sae import MultiLayerMixin
 
 logger = logging.getLogger(__name__)
@@ -178,7 +177,7 @@ def finalize_top_contexts(
     run_dir: Path,
     top: TopContexts,
     progress: dict[str, Any],
-    model: HookedTransformer,
+    model: LanguageModel,
     sae: MultiLayerMixin,
     test: Tensor,
 ) -> Path:

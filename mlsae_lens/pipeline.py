@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_lens import SAE
-from transformer_lens import HookedTransformer
+from mlsae_lens.models import LanguageModel
 
 from mlsae_lens.checkpoint import check_not_pickle, refuse_pickles_instead_of_weights
 from mlsae_lens.config import MultiLayerRunnerConfig
@@ -34,7 +34,7 @@ class LoadedRun:
     path: Path
     cfg: MultiLayerRunnerConfig
     sae: MultiLayerSAE
-    model: HookedTransformer
+    model: LanguageModel
     splits: Any
     test_special_mask: Any
 
@@ -70,7 +70,7 @@ def load_sae(path: Path, device: str = "cpu") -> MultiLayerSAE:
     return sae
 
 
-def check_sae_fits_model(sae: MultiLayerSAE, model: HookedTransformer) -> None:
+def check_sae_fits_model(sae: MultiLayerSAE, model: LanguageModel) -> None:
     if sae.cfg.d_in != model.cfg.d_model or sae.cfg.n_layers != model.cfg.n_layers:
         raise MLSAEError(
             f"the SAE expects d_in={sae.cfg.d_in} over n_layers={sae.cfg.n_layers}, but the model "
@@ -79,7 +79,7 @@ def check_sae_fits_model(sae: MultiLayerSAE, model: HookedTransformer) -> None:
         )
 
 
-def load_run(path: Path, model: HookedTransformer | None = None, device: str = "cpu") -> LoadedRun:
+def load_run(path: Path, model: LanguageModel | None = None, device: str = "cpu") -> LoadedRun:
     from mlsae_lens.data import special_token_mask
     from mlsae_lens.models import load_model
 
@@ -89,7 +89,7 @@ def load_run(path: Path, model: HookedTransformer | None = None, device: str = "
         raise MLSAEError(f"{path} is not an mlsae-lens run directory (no run.json); pass the --output-dir of a training run")
     cfg = MultiLayerRunnerConfig.from_dict(json.loads(run_file.read_text()))
     sae = load_sae(path, device)
-    model = model if model is not None else load_model(cfg.model_name, device=device)
+    model = model if model is not None else load_model(cfg.model_name, device=device, backend=cfg.model_backend)
     check_sae_fits_model(sae, model)
     splits = cfg.load_token_splits(model.tokenizer)
     return LoadedRun(path, cfg, sae, model, splits, special_token_mask(splits.test, model.tokenizer))
