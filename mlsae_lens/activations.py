@@ -59,7 +59,12 @@ def harvest_hooks(model: Any, tokens: Tensor, names: list[str]) -> Tensor:
         try:
             model(tokens, **({} if bridge else {"stop_at_layer": n_layers}))
         except _StopForward:
-            pass
+            return out
+    if bridge:  # the last hook never ran: the model silently ignored the hook names
+        raise MLSAEError(
+            f"{type(model).__name__} did not run the hook {last}; load the model with "
+            "mlsae_lens.models.load_model so that its TransformerLens hook names resolve"
+        )
     return out
 
 

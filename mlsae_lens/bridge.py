@@ -17,6 +17,7 @@ tokenizer, no weights) is one :class:`MLSAEError` line naming the problem and wh
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import json
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from sae_lens import SAETransformerBridge
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.model_bridge import TransformerBridge
 
 from mlsae_lens import sources
@@ -89,10 +92,12 @@ def check_model_dir(path: Path) -> str:
     except (OSError, ValueError, KeyError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise MLSAEError(f"cannot read {path / 'config.json'} ({first}); pass {layout}") from None
+    # The class the directory was saved from; TransformerLens' guess from model_type otherwise.
+    saved = getattr(config, "architectures", None) or []
     try:
-        architecture = determine_architecture_from_hf_config(config)
+        architecture = saved[0] if saved else determine_architecture_from_hf_config(config)
     except ValueError:
-        architecture = (getattr(config, "architectures", None) or [config.model_type])[0]
+        architecture = config.model_type
     if not str(architecture).endswith(CAUSAL_LM_SUFFIXES):
         raise MLSAEError(
             f"{path} holds a {architecture}, not a causal language model; mlsae-lens reads the "
@@ -124,6 +129,24 @@ def _load_tokenizer(path: Path) -> Any:
         ) from None
 
 
+class MLSAETransformerBridge(SAETransformerBridge):
+    """SAELens' ``SAETransformerBridge`` (beta) that still answers to TransformerLens' alias names.
+
+    SAELens 6.54 overrides ``hook_dict`` with the canonical names only (``blocks.{l}.hook_out``),
+    so ``run_with_hooks`` / ``hooks`` silently ignore an alias such as
+    ``blocks.{l}.hook_resid_post``, the name every MLSAE layer view and ``steering_hook`` use.
+    This adds the aliases of plain hook points back; SAELens' own SAE hooks are unchanged.
+    """
+
+    @property
+    def hook_dict(self) -> dict[str, HookPoint]:
+        hooks = super().hook_dict
+        aliases: dict[str, HookPoint] = {}
+        self._add_aliases_to_hooks(aliases)
+        hooks.update({k: v for k, v in aliases.items() if isinstance(v, HookPoint) and k not in hooks})
+        return hooks
+
+
 def _boot(
     name: str,
     hf_model: Any,
@@ -138,10 +161,8 @@ def _boot(
         name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
     if sae_transformer:
-        from sae_lens import SAETransformerBridge
-
         # The way SAELens' own SAETransformerBridge.boot_transformers makes one.
-        bridge.__class__ = SAETransformerBridge
+        bridge.__class__ = MLSAETransformerBridge
         bridge._acts_to_saes = {}  # type: ignore[attr-defined]
         bridge._transcoder_output_hooks = {}  # type: ignore[attr-defined]
     return bridge.eval()
@@ -262,7 +283,7 @@ def _write_embedded_dir(cache_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     gguf_model, tokenizer = sources.load_embedded_hf_model(torch.float32)
-    config = gguf_model.config
+    config = copy.deepcopy(gguf_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config)
