@@ -157,6 +157,13 @@ def test_cli_bad_model_directory_exits_2_with_one_line(tmp_path, corpus, capsys)
     assert not list((tmp_path / "run").glob("*")) if (tmp_path / "run").exists() else True  # nothing written
 
 
+def test_cli_bad_device_exits_2_with_one_line(model_dirs, tmp_path, corpus, capsys):
+    code = main(["train", "--model-name", str(model_dirs["llama"]), "--dataset", str(corpus),
+                 "--device", "tpu", "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "device 'tpu' is not usable" in err and len(err.splitlines()) == 1
+
+
 # --- Every command on a bridge model, through the CLI ----------------------------------------
 
 TRAIN = ["--context-size", "32", "--training-tokens", "128", "--batch-size-tokens", "32",
