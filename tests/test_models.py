@@ -444,5 +444,6 @@ def test_embedded_sae_transformer_runs_layer_views_like_the_plain_splice(embedde
             tokens, fwd_hooks=[("blocks.7.hook_resid_post", lambda act, hook: recon.to(act.dtype))]
         )
         actual = model.run_with_saes(tokens, saes=[mlsae.layer_view(7)])
-    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=1e-5)
+    # float32 rounding of the two reconstructions, amplified by ~20 later blocks: max ~2e-4.
+    torch.testing.assert_close(actual, expected, atol=1e-3, rtol=1e-4)
     assert (actual - model(tokens)).abs().max() > 1e-2  # the splice really changes the logits
