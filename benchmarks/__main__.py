@@ -96,22 +96,28 @@ def bench_train(s: Sizes, device: str = "cpu") -> dict[str, dict[str, float]]:
 
 
 def bench_harvest(s: Sizes, device: str = "cpu") -> dict[str, object]:
-    if s.embedded_model:
-        model, which = harvest.load_benchmark_model(True, device)
-    else:
-        model = harvest.random_smollm2_shaped(*s.harvest_model_shape, device=device)
-        which = f"random TransformerLens model of SmolLM2-135M's architecture ({s.harvest_model_shape[0]} layers, d {s.harvest_model_shape[1]})"
-    times = interleaved_medians(harvest.harvest_pair(model, *s.harvest_batch), repeats=s.train_repeats)
+    """Harvest / forward per backend (the default backend's numbers also at the top level)."""
+    from mlsae_lens.models import DEFAULT_BACKEND
+
+    models, which = harvest.load_benchmark_models(s.embedded_model, s.harvest_model_shape, device)
     tokens = s.harvest_batch[0] * s.harvest_batch[1]
-    return {
-        "model": which,
-        "tokens": tokens,
-        "harvest_s": times["harvest"],
-        "forward_blocks_s": times["forward_blocks"],
-        "forward_logits_s": times["forward_logits"],
-        "harvest_vs_forward": times["harvest"] / times["forward_blocks"],
-        "harvest_vs_forward_with_logits": times["harvest"] / times["forward_logits"],
-    }
+    # Both backends in one interleaved measurement, so that load from other processes hits both.
+    fns = {f"{backend}/{name}": fn for backend, model in models.items()
+           for name, fn in harvest.harvest_pair(model, *s.harvest_batch).items()}
+    all_times = interleaved_medians(fns, repeats=s.train_repeats)
+    by_backend = {}
+    for backend in models:
+        times = {name.split("/")[1]: t for name, t in all_times.items() if name.startswith(f"{backend}/")}
+        by_backend[backend] = {
+            "harvest_s": times["harvest"],
+            "forward_blocks_s": times["forward_blocks"],
+            "forward_logits_s": times["forward_logits"],
+            "harvest_vs_forward": times["harvest"] / times["forward_blocks"],
+            "harvest_vs_forward_with_logits": times["harvest"] / times["forward_logits"],
+        }
+        logger.info("harvest %s: %s", backend, by_backend[backend])
+    return {"model": which, "tokens": tokens, "backend": DEFAULT_BACKEND,
+            **by_backend[DEFAULT_BACKEND], "by_backend": by_backend}
 
 
 def bench_analysis(s: Sizes, device: str = "cpu") -> dict[str, object]:
@@ -230,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_true", help="small sizes, under a minute on 2 cores; writes nothing")
     size.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite; writes nothing")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the ratios) on stdout")
+    parser.add_argument("--harvest-only", action="store_true", help="only the harvest benchmark (both model "
+                        "backends, the embedded model unless --smoke); prints JSON, writes nothing")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: bigger batches, bf16 encoder matmul "
                         "as the runner uses there; default: %(default)s)")
     parser.add_argument("--output", type=Path, default=None,
@@ -242,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = SMOKE if args.smoke else QUICK if args.quick else GPU if device.startswith("cuda") else FULL
     output = args.output or HERE / ("results-cuda.md" if device.startswith("cuda") else "results.md")
     torch.manual_seed(0)
+    if args.harvest_only:
+        print(json.dumps(bench_harvest(replace(sizes, embedded_model=not args.smoke), device), indent=2))
+        return 0
     results = {
         "device": device,
         "train": bench_train(sizes, device),

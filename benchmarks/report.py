@@ -63,6 +63,10 @@ def write_results(path: Path, results: dict, ratios: dict[str, float], machine: 
         f"{h['forward_logits_s']:.3f} s: harvest / blocks = {h['harvest_vs_forward']:.3f}, harvest / full forward = "
         f"{h['harvest_vs_forward_with_logits']:.3f}.",
         "",
+        *[f"- {backend}: harvest {r['harvest_s']:.3f} s, blocks {r['forward_blocks_s']:.3f} s, full forward "
+          f"{r['forward_logits_s']:.3f} s: harvest / blocks = {r['harvest_vs_forward']:.3f}"
+          for backend, r in h.get("by_backend", {}).items()],
+        "",
         "## Analysis",
         "",
         f"{a['tokens']} tokens × {s['analysis_layers']} layers = {a['vectors']} vectors, d_sae {8 * s['d_in']}: encode "

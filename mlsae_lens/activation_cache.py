@@ -120,7 +120,7 @@ def write_activation_cache(
     if contexts_per_shard <= 0:
         raise MLSAEError("--contexts-per-shard must be positive")
     device = resolve_device(cfg.device)
-    model = model if model is not None else load_model(cfg.model_name, device=device)
+    model = model if model is not None else load_model(cfg.model_name, device=device, backend=cfg.model_backend)
     splits = splits if splits is not None else cfg.load_token_splits(model.tokenizer)
     tokens, mask = splits.train, special_token_mask(splits.train, model.tokenizer)
     stream_cfg = ActivationStreamConfig(contexts_per_chunk=cfg.contexts_per_chunk,

@@ -17,8 +17,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
-
 from mlsae_lens.errors import MLSAEError
 
 
@@ -26,28 +24,58 @@ def resid_post_hook_names(n_layers: int) -> list[str]:
     return [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
 
 
-@torch.inference_mode()
-def harvest_resid_post(model: HookedTransformer, tokens: Tensor) -> Tensor:
-    """Residual stream after every block: ``[batch, pos, n_layers, d_model]`` (float32).
+class _StopForward(Exception):  # noqa: N818 - control flow, not an error
+    """Raised by the last harvest hook so the bridge never runs the final norm and unembed."""
 
-    Each ``hook_resid_post`` hook writes straight into one preallocated output (no activation
-    cache, no stack copy) and the forward stops after the last block
-    (``stop_at_layer=n_layers``), so the final norm and unembedding never run.
+
+@torch.inference_mode()
+def harvest_hooks(model: Any, tokens: Tensor, names: list[str]) -> Tensor:
+    """The named hooks' activations ``[batch, pos, len(names), d_model]`` (float32), from a
+    forward that stops right after the last block.
+
+    Each hook writes straight into one preallocated output (no activation cache, no stack
+    copy). ``HookedTransformer`` stops with ``stop_at_layer=n_layers``; TransformerBridge's
+    ``stop_at_layer`` still runs the final norm and unembedding, so there the last block's
+    hook ends the forward itself (every name must lie inside the blocks).
     """
+    from mlsae_lens.bridge import is_bridge
+
     n_layers, device = model.cfg.n_layers, model.cfg.device
     tokens = tokens.to(device)
-    out = torch.empty(*tokens.shape, n_layers, model.cfg.d_model, dtype=torch.float32, device=device)
+    out = torch.empty(*tokens.shape, len(names), model.cfg.d_model, dtype=torch.float32, device=device)
+    bridge = is_bridge(model)
+    last = f"blocks.{n_layers - 1}.hook_resid_post"
 
-    def writer(layer: int):
+    def writer(index: int, stop: bool):
         def hook(act: Tensor, hook: Any) -> None:
-            out[:, :, layer] = act
+            out[:, :, index] = act
+            if stop:
+                raise _StopForward
 
         return hook
 
-    hooks = [(name, writer(layer)) for layer, name in enumerate(resid_post_hook_names(n_layers))]
+    hooks = [(name, writer(i, bridge and name == last)) for i, name in enumerate(names)]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-        model(tokens, stop_at_layer=n_layers)
+        try:
+            model(tokens, **({} if bridge else {"stop_at_layer": n_layers}))
+        except _StopForward:
+            return out
+    if bridge:  # the last hook never ran: the model silently ignored the hook names
+        raise MLSAEError(
+            f"{type(model).__name__} did not run the hook {last}; load the model with "
+            "mlsae_lens.models.load_model so that its TransformerLens hook names resolve"
+        )
     return out
+
+
+def harvest_resid_post(model: Any, tokens: Tensor) -> Tensor:
+    """Residual stream after every block: ``[batch, pos, n_layers, d_model]`` (float32).
+
+    Equal to the Hugging Face ``hidden_states[l + 1]`` for every layer but the last, where
+    Hugging Face applies the final norm and this is the block output before it. The forward
+    stops after the last block, so the final norm and unembedding never run.
+    """
+    return harvest_hooks(model, tokens, resid_post_hook_names(model.cfg.n_layers))
 
 
 def check_finite(acts: Tensor, where: str) -> None:
@@ -84,7 +112,7 @@ class ActivationStream:
 
     def __init__(
         self,
-        model: HookedTransformer,
+        model: Any,
         tokens: Tensor,
         special_mask: Tensor,
         cfg: ActivationStreamConfig,
@@ -145,7 +173,7 @@ class ActivationStream:
 
 @torch.inference_mode()
 def estimate_layer_means(
-    model: HookedTransformer,
+    model: Any,
     tokens: Tensor,
     special_mask: Tensor,
     n_tokens: int,

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
+from mlsae_lens.models import LanguageModel
 
 from mlsae_lens.activation_samples import LatentContexts
 from mlsae_lens.activations import check_finite, harvest_resid_post, valid_token_vectors
@@ -229,7 +229,7 @@ class _Run:
     path: Path
     cfg: MultiLayerRunnerConfig
     sae: MultiLayerMixin
-    model: HookedTransformer
+    model: LanguageModel
     test: Tensor
     special_mask: Tensor
     provenance: dict[str, Any]
@@ -253,7 +253,7 @@ def _check_run_dir(run_dir: Path) -> None:
 
 def _open_run(
     run_dir: Path,
-    model: HookedTransformer | None,
+    model: LanguageModel | None,
     splits: Any,
     device: str,
 ) -> _Run:
@@ -271,7 +271,7 @@ def _open_run(
     else:
         cfg = load_run_config(run_dir)
         sae = load_sae(run_dir, device)
-        model = model if model is not None else load_model(cfg.model_name, device=device)
+        model = model if model is not None else load_model(cfg.model_name, device=device, backend=cfg.model_backend)
         check_sae_fits_model(sae, model)
         special_mask = special_token_mask(splits.test, model.tokenizer)
     sae.eval()
@@ -449,7 +449,7 @@ def _start_or_resume(
 # ---------------------------------------------------------------------- the prompt
 
 
-def tokenize_prompt(model: HookedTransformer, text: str) -> tuple[Tensor, list[str]]:
+def tokenize_prompt(model: LanguageModel, text: str) -> tuple[Tensor, list[str]]:
     """Token ids ``[pos]`` and their strings, with BOS only where the model expects one.
 
     Raises :class:`MLSAEError` for an empty prompt or one longer than the model's context.
@@ -474,7 +474,7 @@ def tokenize_prompt(model: HookedTransformer, text: str) -> tuple[Tensor, list[s
 @torch.inference_mode()
 def analyze_prompt(
     sae: MultiLayerMixin,
-    model: HookedTransformer,
+    model: LanguageModel,
     text: str,
     weighting: Weighting = "uniform_tokens",
 ) -> dict[str, Any]:
@@ -535,7 +535,7 @@ def analyze_run(
     run_dir: str | Path,
     options: AnalysisOptions | None = None,
     *,
-    model: HookedTransformer | None = None,
+    model: LanguageModel | None = None,
     splits: Any = None,
     device: str = "cpu",
     report: bool = True,

@@ -32,7 +32,7 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
+from mlsae_lens.models import LanguageModel
 
 from mlsae_lens.activations import ActivationStream, ActivationStreamConfig
 from mlsae_lens.checkpoint import atomic_save_sae, atomic_write_json
@@ -178,7 +178,7 @@ def fold_normalization(sae: TopKTrainingSAE, mode: str, layer_mean: Tensor | Non
 
 def train_saelens_per_layer(
     sae: MultiLayerMixin,
-    model: HookedTransformer,
+    model: LanguageModel,
     train_tokens: Tensor,
     train_special_mask: Tensor,
     cfg: MultiLayerRunnerConfig,

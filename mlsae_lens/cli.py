@@ -54,7 +54,8 @@ logger = logging.getLogger("mlsae_lens")
 DEMO_DEFAULTS = {"training_tokens": 40_000, "output_dir": None, "lr": 1e-3}
 # Config fields `mlsae-lens cache` reads (the others would be ignored, so it does not offer them).
 CACHE_FIELDS = ("model_name", "dataset", "text_column", "context_size", "test_fraction", "max_corpus_tokens",
-                "training_tokens", "contexts_per_chunk", "batch_size_tokens", "model_batch_size", "seed", "device")
+                "training_tokens", "contexts_per_chunk", "batch_size_tokens", "model_batch_size", "seed", "device",
+                "model_backend")
 
 
 # One line per subcommand for `mlsae-lens --help`, which builds no subcommand's parser in full.
@@ -251,7 +252,7 @@ def cmd_train_lens(args: argparse.Namespace) -> None:
         eval_tokens=args.eval_tokens, lr_scale=args.lr_scale, momentum=args.momentum,
         weight_decay=args.weight_decay, model_batch_size=args.model_batch_size, seed=args.seed,
     )
-    model = load_model(args.model, device=resolve_device(args.device))
+    model = load_model(args.model, device=resolve_device(args.device), backend=args.model_backend)
     splits = load_token_splits(
         args.dataset, tokenizer=model.tokenizer, context_size=args.context_size,
         test_fraction=args.test_fraction, max_tokens=args.max_corpus_tokens, seed=args.seed,
@@ -303,6 +304,8 @@ def add_train_lens_parser(sub: Any) -> None:
         help_text = f.metadata["help"] + ("" if "default" in f.metadata["help"] else " (default: %(default)s)")
         tl.add_argument("--" + name.replace("_", "-"), type=corpus_types.get(name, str), default=f.default,
                         help=help_text)
+    tl.add_argument("--model-backend", choices=["bridge", "hooked"], default=run.model_backend,
+                    help="as for train (default: %(default)s)")
     tl.add_argument("--device", type=device_flag, default="auto", help="cpu, cuda, or auto (default: %(default)s)")
     tl.set_defaults(func=cmd_train_lens)
 

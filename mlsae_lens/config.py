@@ -29,8 +29,14 @@ class MultiLayerRunnerConfig:
 
     model_name: str = option(
         EMBEDDED_MODEL,
-        "TransformerLens model name (e.g. pythia-70m-deduped, needs the hub) or the embedded "
-        "default SmolLM2-135M-Instruct, which works offline",
+        "the embedded default SmolLM2-135M-Instruct (works offline), a local directory holding a "
+        "Hugging Face causal LM (config.json, weights, tokenizer; offline), a hub id (bridge), or "
+        "a TransformerLens model name such as pythia-70m-deduped (hooked; needs the hub)",
+    )
+    model_backend: Literal["bridge", "hooked"] = option(
+        "bridge",
+        "how TransformerLens wraps the model: bridge (TransformerBridge around the Hugging Face "
+        "model; any supported causal LM) or hooked (HookedTransformer; removed in TransformerLens 4)",
     )
     dataset: str = option(
         EMBEDDED_CORPUS,

@@ -18,7 +18,7 @@ from torch import Tensor
 from pathlib import Path
 
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
+from mlsae_lens.models import LanguageModel
 
 from mlsae_lens.activations import (
     check_finite,
@@ -133,7 +133,7 @@ class ReconstructionResult:
 @torch.inference_mode()
 def evaluate_reconstruction(
     sae: MultiLayerMixin,
-    model: HookedTransformer,
+    model: LanguageModel,
     tokens: Tensor,
     special_mask: Tensor,
     max_tokens: int | None = None,
@@ -195,14 +195,27 @@ def splice(clean: Tensor, replacement: Tensor, special_mask: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def logits_from_layer(model: HookedTransformer, resid: Tensor, layer: int) -> Tensor:
-    """Logits of the model run from ``blocks.{layer}.hook_resid_post`` = ``resid`` onwards."""
-    return model(resid.to(model.cfg.device), start_at_layer=layer + 1)
+def logits_from_layer(model: Any, resid: Tensor, layer: int, tokens: Tensor | None = None) -> Tensor:
+    """Logits of the model run from ``blocks.{layer}.hook_resid_post`` = ``resid`` onwards.
+
+    ``HookedTransformer`` starts at block ``layer + 1`` (``start_at_layer``). TransformerBridge
+    has no ``start_at_layer`` (it runs the Hugging Face forward as a whole), so there the
+    forward reruns from ``tokens`` and a hook replaces the layer's output with ``resid``.
+    """
+    from mlsae_lens.bridge import is_bridge
+
+    if not is_bridge(model):
+        return model(resid.to(model.cfg.device), start_at_layer=layer + 1)
+    if tokens is None:
+        raise MLSAEError("logits_from_layer needs the tokens for a TransformerBridge model")
+    resid = resid.to(model.cfg.device)
+    hook = (f"blocks.{layer}.hook_resid_post", lambda act, hook: resid.to(act.dtype))
+    return model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=[hook])
 
 
 @torch.inference_mode()
 def spliced_losses(
-    model: HookedTransformer,
+    model: LanguageModel,
     tokens: Tensor,
     clean_log_probs: Tensor,
     resid: Tensor,
@@ -210,12 +223,12 @@ def spliced_losses(
 ) -> tuple[Tensor, Tensor]:
     """Per-position CE and KL(clean ‖ spliced) ``[batch, pos - 1]`` with ``resid`` (already
     spliced) as layer ``layer``'s residual stream; mask them with :func:`prediction_mask`."""
-    log_probs = next_token_log_probs(logits_from_layer(model, resid, layer))
+    log_probs = next_token_log_probs(logits_from_layer(model, resid, layer, tokens))
     return cross_entropy(log_probs, tokens), kl_divergence(clean_log_probs, log_probs)
 
 
 @torch.inference_mode()
-def clean_run(model: HookedTransformer, tokens: Tensor) -> tuple[Tensor, Tensor]:
+def clean_run(model: LanguageModel, tokens: Tensor) -> tuple[Tensor, Tensor]:
     """Clean logits ``[batch, pos, vocab]`` and every layer's ``hook_resid_post``
     ``[batch, pos, n_layers, d]`` from one forward pass."""
     names = resid_post_hook_names(model.cfg.n_layers)
@@ -399,7 +412,7 @@ def _normalized(recon: Tensor, stats: Any) -> Tensor:
 @torch.inference_mode()
 def evaluate_methods(
     sae: MultiLayerMixin,
-    model: HookedTransformer,
+    model: LanguageModel,
     tokens: Tensor,
     special_mask: Tensor,
     *,
@@ -736,7 +749,7 @@ def evaluate_run(
     run_dir: str | Path,
     options: EvalOptions | None = None,
     *,
-    model: HookedTransformer | None = None,
+    model: LanguageModel | None = None,
     splits: Any = None,
     device: str = "cpu",
     report: bool = True,
@@ -784,7 +797,7 @@ def evaluate_run(
     else:
         cfg = load_run_config(run_dir)
         sae = load_sae(run_dir, device)
-        model = model if model is not None else load_model(cfg.model_name, device=device)
+        model = model if model is not None else load_model(cfg.model_name, device=device, backend=cfg.model_backend)
         check_sae_fits_model(sae, model)
     sae.eval()
     layers = parse_layers(options.layers, sae.cfg.n_layers)

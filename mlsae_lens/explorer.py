@@ -46,9 +46,8 @@ from mlsae_lens.topk_contexts import (
 )
 
 if TYPE_CHECKING:
-    from transformer_lens import HookedTransformer
-
     from mlsae_lens.analyze import AnalysisOptions, AnalysisStats
+    from mlsae_lens.models import LanguageModel
     from mlsae_lens.sae import MultiLayerMixin
 
 logger = logging.getLogger(__name__)
@@ -193,7 +192,7 @@ def finalize_top_contexts(
     run_dir: Path,
     contexts: LatentContexts,
     progress: dict[str, Any],
-    model: HookedTransformer,
+    model: LanguageModel,
     sae: MultiLayerMixin,
     test: Tensor,
 ) -> Path:

@@ -6,13 +6,12 @@ like every other error of the command. Nothing here imports torch at import time
 """
 
 import argparse
-import json
 import math
 import typing
 from collections.abc import Callable
 from pathlib import Path
 
-from mlsae_lens.config import EMBEDDED_MODEL, MultiLayerRunnerConfig, check_device
+from mlsae_lens.config import MultiLayerRunnerConfig, check_device
 from mlsae_lens.errors import MLSAEError
 
 
@@ -128,17 +127,18 @@ def nonempty_text(text: str) -> str:
 
 def check_model_sizes(cfg: MultiLayerRunnerConfig) -> None:
     """``k < d_sae``, ``context_size <= n_ctx`` and an SAE that fits in memory, before the model
-    loads, where the model's sizes are known without loading it (the embedded model's cached
-    config); otherwise the SAE config checks ``k`` after the load."""
-    if cfg.model_name.lower() not in ("smollm2-135m-instruct", "smollm2", "embedded", EMBEDDED_MODEL.lower()):
-        return
-    try:
-        from mlsae_lens.models import CONFIG_FILE, embedded_cache_dir
+    loads, where the model's sizes are known without loading it (the embedded model's GGUF
+    header, a local directory's config.json); otherwise the SAE config checks ``k`` after the
+    load."""
+    from mlsae_lens.models import model_sizes_without_loading
 
-        model_cfg = json.loads((embedded_cache_dir() / CONFIG_FILE).read_text())
-        d_model, n_ctx = int(model_cfg["d_model"]), int(model_cfg["n_ctx"])
-    except Exception:  # noqa: BLE001 - no cache yet, or not installed: the load itself says so
+    try:
+        sizes = model_sizes_without_loading(cfg.model_name)
+    except (OSError, ValueError, KeyError, IndexError):  # unreadable: the load itself says so
+        sizes = None
+    if sizes is None:
         return
+    d_model, n_ctx = sizes
     d_sae = cfg.expansion_factor * d_model
     if cfg.k >= d_sae:
         raise MLSAEError(f"--k {cfg.k} must be below the SAE's {d_sae} latents (--expansion-factor "

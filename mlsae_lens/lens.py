@@ -37,11 +37,12 @@ from typing import Any
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens import HookedTransformer
+from mlsae_lens.models import LanguageModel
 from tuned_lens import TunedLens
 from tuned_lens.nn import Unembed
 from tuned_lens.nn.lenses import TunedLensConfig
 
+from mlsae_lens.activations import harvest_hooks, resid_post_hook_names
 from mlsae_lens.atomic import atomic_write_json, staging_dir
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.memory import resolve_model_batch_size
@@ -60,14 +61,36 @@ PRETRAINED = "pretrained"
 # ---------------------------------------------------------------------------------------------
 
 
-def lens_for_model(model: HookedTransformer) -> TunedLens:
+def lens_for_model(model: LanguageModel) -> TunedLens:
     """An identity tuned lens (all translators zero) for a TransformerLens model."""
     config = TunedLensConfig(
         base_model_name_or_path=model.cfg.model_name,
         d_model=model.cfg.d_model,
         num_hidden_layers=model.cfg.n_layers,
     )
-    return TunedLens(Unembed(model), config).to(model.cfg.device)
+    return TunedLens(unembed_for(model), config).to(model.cfg.device)
+
+
+def unembed_for(model: Any) -> Unembed:
+    """tuned-lens' ``Unembed`` (final norm + unembedding) of a TransformerLens model.
+
+    tuned-lens reads a ``HookedTransformer``'s ``ln_final``/``W_U`` itself. A TransformerBridge
+    has replaced the Hugging Face ``norm``/``lm_head`` by hooked wrappers, which tuned-lens'
+    model surgery does not recognise, so its ``Unembed`` gets copies of the wrapped Hugging Face
+    modules (the same objects tuned-lens would read from the unwrapped model).
+    """
+    import copy
+
+    from mlsae_lens.bridge import is_bridge
+
+    if not is_bridge(model):
+        return Unembed(model)
+    unembed = Unembed.__new__(Unembed)
+    torch.nn.Module.__init__(unembed)
+    unembed.final_norm = copy.deepcopy(model.ln_final.original_component)
+    unembed.unembedding = copy.deepcopy(model.unembed.original_component)
+    unembed.requires_grad_(False)
+    return unembed
 
 
 def resid_post_translators(lens: TunedLens) -> tuple[Tensor, Tensor]:
@@ -99,7 +122,7 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or Path(source).exists()
 
 
-def _check_config(config: dict[str, Any], model: HookedTransformer, where: str) -> None:
+def _check_config(config: dict[str, Any], model: LanguageModel, where: str) -> None:
     d_model, n_layers = config.get("d_model"), config.get("num_hidden_layers")
     if d_model != model.cfg.d_model or n_layers != model.cfg.n_layers:
         raise MLSAEError(
@@ -109,11 +132,11 @@ def _check_config(config: dict[str, Any], model: HookedTransformer, where: str) 
         )
 
 
-def _from_resource(model: HookedTransformer, resource_id: str, where: str) -> TunedLens:
+def _from_resource(model: LanguageModel, resource_id: str, where: str) -> TunedLens:
     """tuned-lens' own loader, with ``weights_only=True`` and one clear error per failure."""
     try:
         lens = TunedLens.from_unembed_and_pretrained(
-            Unembed(model), resource_id, weights_only=True, map_location="cpu"
+            unembed_for(model), resource_id, weights_only=True, map_location="cpu"
         )
     except pickle.UnpicklingError as err:
         raise MLSAEError(
@@ -130,7 +153,7 @@ def _from_resource(model: HookedTransformer, resource_id: str, where: str) -> Tu
     return lens.to(model.cfg.device)
 
 
-def load_lens_dir(path: str | Path, model: HookedTransformer) -> TunedLens:
+def load_lens_dir(path: str | Path, model: LanguageModel) -> TunedLens:
     """A lens saved by ``TunedLens.save`` (``params.pt`` + ``config.json``) in ``path``.
 
     Raises:
@@ -159,7 +182,7 @@ def load_lens_dir(path: str | Path, model: HookedTransformer) -> TunedLens:
     return _from_resource(model, str(path), str(path))
 
 
-def load_pretrained_lens(model: HookedTransformer, resource_id: str | None = None) -> TunedLens:
+def load_pretrained_lens(model: LanguageModel, resource_id: str | None = None) -> TunedLens:
     """tuned-lens' pretrained lens (``TunedLens.from_*_and_pretrained`` resource ids, e.g.
     ``EleutherAI/pythia-160m-deduped``); needs the Hugging Face hub.
 
@@ -194,7 +217,7 @@ def load_pretrained_lens(model: HookedTransformer, resource_id: str | None = Non
         ) from None
 
 
-def load_lens(source: str, model: HookedTransformer) -> TunedLens:
+def load_lens(source: str, model: LanguageModel) -> TunedLens:
     """Resolve ``--tuned-lens SOURCE``: a lens directory, ``pretrained`` (the model's own
     pretrained lens) or a tuned-lens resource id (fetched from the hub).
 
@@ -223,17 +246,13 @@ def save_lens(lens: TunedLens, directory: str | Path) -> Path:
 
 
 @torch.inference_mode()
-def harvest_hidden_states(model: HookedTransformer, tokens: Tensor) -> Tensor:
+def harvest_hidden_states(model: LanguageModel, tokens: Tensor) -> Tensor:
     """HF-style hidden states ``[batch, pos, n_layers + 1, d]``: index ``i < n_layers`` is the
     input of block ``i`` (``blocks.{i}.hook_resid_pre``), index ``n_layers`` the last block's
     output (``blocks.{n_layers-1}.hook_resid_post``, before the final norm)."""
     n = model.cfg.n_layers
-    names = [f"blocks.{i}.hook_resid_pre" for i in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
-    _, cache = model.run_with_cache(
-        tokens.to(model.cfg.device), names_filter=lambda name: name in names,
-        stop_at_layer=n, return_type=None,
-    )
-    return torch.stack([cache[name] for name in names], dim=2).float()
+    names = ["blocks.0.hook_resid_pre", *resid_post_hook_names(n)]
+    return harvest_hooks(model, tokens, names)
 
 
 def layer_kl(lens: TunedLens, hidden: Tensor, index: int, target_logprobs: Tensor, tuned: bool = True) -> Tensor:
@@ -293,7 +312,7 @@ class LensTrainingConfig:
 
 
 def hidden_state_pool(
-    model: HookedTransformer,
+    model: LanguageModel,
     contexts: Tensor,
     special_mask: Tensor,
     max_tokens: int,
@@ -399,7 +418,7 @@ def format_lens_eval(rows: list[dict[str, Any]]) -> str:
 
 
 def train_lens_for_run(
-    model: HookedTransformer,
+    model: LanguageModel,
     splits: Any,
     output: str | Path,
     cfg: LensTrainingConfig,

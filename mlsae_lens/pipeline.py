@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from sae_lens import SAE
-from transformer_lens import HookedTransformer
 
 from mlsae_lens.checkpoint import check_not_pickle, refuse_pickles_instead_of_weights
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.evals import ReconstructionResult
 from mlsae_lens.figures import per_layer_fvu_figure
+from mlsae_lens.models import LanguageModel
 from mlsae_lens.report import ReportSection
-from mlsae_lens.sae import MultiLayerSAE
 from mlsae_lens.run_dir import check_same_corpus, load_run_config
+from mlsae_lens.sae import MultiLayerSAE
 from mlsae_lens.sae_files import check_sae_dir, read_cfg
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class LoadedRun:
     path: Path
     cfg: MultiLayerRunnerConfig
     sae: MultiLayerSAE
-    model: HookedTransformer
+    model: LanguageModel
     splits: Any
     test_special_mask: Any
 
@@ -91,7 +91,7 @@ def refuse_unfinished_run(path: Path) -> None:
     )
 
 
-def check_sae_fits_model(sae: MultiLayerSAE, model: HookedTransformer) -> None:
+def check_sae_fits_model(sae: MultiLayerSAE, model: LanguageModel) -> None:
     if sae.cfg.d_in != model.cfg.d_model or sae.cfg.n_layers != model.cfg.n_layers:
         raise MLSAEError(
             f"the SAE expects d_in={sae.cfg.d_in} over n_layers={sae.cfg.n_layers}, but the model "
@@ -100,7 +100,7 @@ def check_sae_fits_model(sae: MultiLayerSAE, model: HookedTransformer) -> None:
         )
 
 
-def load_run(path: Path, model: HookedTransformer | None = None, device: str = "cpu") -> LoadedRun:
+def load_run(path: Path, model: LanguageModel | None = None, device: str = "cpu") -> LoadedRun:
     from mlsae_lens.data import special_token_mask
     from mlsae_lens.models import load_model
 
@@ -110,7 +110,7 @@ def load_run(path: Path, model: HookedTransformer | None = None, device: str = "
         raise MLSAEError(f"{path} is not an mlsae-lens run directory (no run.json); pass the --output-dir of a training run")
     cfg = load_run_config(path)
     sae = load_sae(path, device)
-    model = model if model is not None else load_model(cfg.model_name, device=device)
+    model = model if model is not None else load_model(cfg.model_name, device=device, backend=cfg.model_backend)
     check_sae_fits_model(sae, model)
     splits = cfg.load_token_splits(model.tokenizer)
     check_same_corpus(path, splits.provenance, resuming=False)  # else "test" may be training text

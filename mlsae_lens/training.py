@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from sae_lens.saes.sae import SAEMetadata, TrainStepInput
 from torch import Tensor
-from transformer_lens import HookedTransformer
 
 from mlsae_lens import sparse_ops
 from mlsae_lens.activations import (
@@ -57,6 +56,7 @@ from mlsae_lens.distributed import (
 )
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.memory import resolve_model_batch_size
+from mlsae_lens.models import LanguageModel
 from mlsae_lens.run_dir import (  # noqa: F401 - prepare_output_dir re-exported
     RUN_FILE,
     SPLITS_FILE,
@@ -133,7 +133,7 @@ class MultiLayerSAETrainingRunner:
     def __init__(
         self,
         cfg: MultiLayerRunnerConfig,
-        model: HookedTransformer | None = None,
+        model: LanguageModel | None = None,
         splits: Any = None,
     ):
         from mlsae_lens.data import special_token_mask
@@ -144,7 +144,7 @@ class MultiLayerSAETrainingRunner:
         self.dist = maybe_init_distributed(resolve_device(cfg.device))
         self.device = rank_device(resolve_device(cfg.device), self.dist)
         self.out = prepare_output_dir(cfg) if self.dist.rank == 0 else Path(cfg.output_dir)
-        self.model = model if model is not None else load_model(cfg.model_name, device=self.device)
+        self.model = model if model is not None else load_model(cfg.model_name, device=self.device, backend=cfg.model_backend)
         # Resolved once here: the stream, the centering means and run.json all read this value.
         cfg = self.cfg = dataclasses.replace(cfg, model_batch_size=self.resolved_model_batch_size())
         self.splits = splits if splits is not None else cfg.load_token_splits(self.model.tokenizer)

@@ -43,7 +43,7 @@ def seed_everything() -> None:
 
 @pytest.fixture(scope="session")
 def embedded_model(model_cache_dir: Path) -> HookedTransformer:
-    """SmolLM2-135M-Instruct as a HookedTransformer (CPU, float32), shared by all tests.
+    """SmolLM2-135M-Instruct through the default backend (CPU, float32), shared by all tests.
 
     Treat it as read-only: tests that add hooks must remove them (``model.hooks(...)`` or
     ``run_with_cache`` do this for you).

@@ -300,7 +300,7 @@ def test_analyze_on_an_interrupted_run_says_unfinished_and_gives_the_resume_comm
     (tmp_path / "run.json").write_text(json.dumps({"model_name": "tiny"}))
     assert main(["analyze", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert f"holds an unfinished training run (last checkpoint tokens_000000000060" in err
+    assert "holds an unfinished training run (last checkpoint tokens_000000000060" in err
     assert f"`mlsae-lens train --output-dir {tmp_path} --resume`" in err and err.count("\n") == 1
 
 

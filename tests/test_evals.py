@@ -34,7 +34,6 @@ from mlsae_lens.evals import (
     spliced_losses,
 )
 from mlsae_lens.normalization import renormalize
-from mlsae_lens.pipeline import load_sae
 from mlsae_lens.training import MultiLayerSAETrainingRunner
 from tiny import EosTokenizer, tiny_token_splits, tiny_transformer
 
