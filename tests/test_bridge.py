@@ -161,7 +161,8 @@ def test_cli_bad_device_exits_2_with_one_line(model_dirs, tmp_path, corpus, caps
     code = main(["train", "--model-name", str(model_dirs["llama"]), "--dataset", str(corpus),
                  "--device", "tpu", "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and "device 'tpu' is not usable" in err and len(err.splitlines()) == 1
+    assert code == 2 and "--device 'tpu' is not a device" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # refused before anything is written
 
 
 # --- Every command on a bridge model, through the CLI ----------------------------------------
@@ -197,9 +198,10 @@ def test_train_lens_cache_and_lens_training_on_a_bridge_model(model_dirs, corpus
                  "--output", str(lens)]) == 0
     assert (lens / "params.pt").exists()
     cache = tmp_path / "cache"
-    common = ["--model-name", model, "--dataset", str(corpus), *TRAIN]
+    common = ["--model-name", model, "--dataset", str(corpus), "--context-size", "32", "--training-tokens", "128",
+              "--batch-size-tokens", "32", "--contexts-per-chunk", "4", "--model-batch-size", "4"]
     assert main(["cache", *common, "--output", str(cache)]) == 0
-    assert main(["train", *common, "--tuned-lens", str(lens), "--activation-cache", str(cache),
+    assert main(["train", *common, "--expansion-factor", "2", "--k", "4", "--tuned-lens", str(lens), "--activation-cache", str(cache),
                  "--output-dir", str(tmp_path / "run")]) == 0
     assert SAE.load_from_disk(tmp_path / "run").cfg.tuned_lens
 
@@ -250,3 +252,13 @@ def test_steering_hook_on_a_bridge_model(model_dirs, sae_transformer):
     steered = model.run_with_hooks(tokens, fwd_hooks=[steering_hook(mlsae, latent=3, layer=0, scale=5.0)])
     assert (steered - clean).abs().max() > 1e-3
     torch.testing.assert_close(model(tokens), clean)  # the hook is gone afterwards
+
+
+def test_k_is_checked_against_a_local_model_config_before_loading(model_dirs, corpus, tmp_path, capsys):
+    """A local directory's config.json gives d_model without loading the weights."""
+    d_model = json.loads((model_dirs["llama"] / "config.json").read_text())["hidden_size"]
+    code = main(["train", "--model-name", str(model_dirs["llama"]), "--dataset", str(corpus), "--expansion-factor",
+                 "1", "--k", str(d_model), "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"--k {d_model} must be below the SAE's {d_model} latents" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()

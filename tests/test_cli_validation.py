@@ -5,7 +5,6 @@ editing this file: it fails until the new flag refuses out-of-range values.
 """
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -157,14 +156,10 @@ def test_cuda_without_cuda_is_one_line(tmp_path, capsys, monkeypatch, nothing_lo
     assert not (tmp_path / "run").exists()
 
 
-def test_k_context_size_and_sae_memory_are_checked_from_the_cached_model_config_before_loading(
-    tmp_path, monkeypatch, capsys, nothing_loads  # noqa: ARG001
+def test_k_context_size_and_sae_memory_are_checked_from_the_model_files_before_loading(
+    tmp_path, capsys, nothing_loads  # noqa: ARG001
 ) -> None:
-    """The embedded model's width comes from its cached config (a JSON file), not a load."""
-    monkeypatch.setenv(models.CACHE_ENV_VAR, str(tmp_path / "cache"))
-    cache = models.embedded_cache_dir()
-    cache.mkdir(parents=True)
-    (cache / models.CONFIG_FILE).write_text(json.dumps({"d_model": 576, "n_layers": 30, "n_ctx": 8192}))
+    """The embedded model's width and context come from its GGUF header, not a load."""
     code, err = run_cli(["train", "--k", "576", "--expansion-factor", "1", "--output-dir", str(tmp_path / "run")],
                         capsys)
     assert code == 2
@@ -181,7 +176,7 @@ def test_k_context_size_and_sae_memory_are_checked_from_the_cached_model_config_
     assert err.startswith("mlsae-lens: error: --expansion-factor 100000000 makes 57600000000 latents, whose weights, "
                           "gradients and Adam state need 1061683.2 GB but cpu has ")
     assert err.endswith("GB free; lower --expansion-factor") and not (tmp_path / "run").exists()
-    # Without a cached config (or for a hub model) the SAE config checks it after the load.
+    # A hub model's sizes are not read before the load: the SAE config checks it after the load.
     check_model_sizes(MultiLayerRunnerConfig(model_name="pythia-70m", k=10_000, expansion_factor=1))
 
 
