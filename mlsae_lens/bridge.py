@@ -18,13 +18,8 @@ tokenizer, no weights) is one :class:`MLSAEError` line naming the problem and wh
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib.metadata
-import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +31,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from mlsae_lens import sources
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.sources import (
-    CHECKSUM_FILE,
     EMBEDDED_MODEL_NAME,
-    cache_root,
-    embedded_gguf_path,
-    file_sha256,
     hub_failure,
     hub_offline_mode,
     hub_reachable,
@@ -242,36 +233,19 @@ def load_hub(
 # ---------------------------------------------------------------------------------------------
 
 
-def embedded_cache_dir(gguf: Path | None = None) -> Path:
-    """Cache folder of the dequantized embedded model (a ``save_pretrained`` directory).
-
-    Its name hashes the GGUF file's size and mtime, the cache format and the transformers
-    version, so a changed GGUF or a new conversion never reuses stale weights.
-    """
-    gguf = gguf if gguf is not None else embedded_gguf_path()
-    stat = gguf.stat()
-    key = json.dumps(
-        {
-            "gguf": gguf.name,
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "format": BRIDGE_CACHE_FORMAT_VERSION,
-            "transformers": importlib.metadata.version("transformers"),
-        },
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_root() / f"{EMBEDDED_MODEL_NAME}-hf-{digest}"
+def embedded_cache_dir() -> Path:
+    """Cache folder of the dequantized embedded model (a ``save_pretrained`` directory)."""
+    return sources.embedded_cache_dir("-hf", BRIDGE_CACHE_FORMAT_VERSION, "transformers")
 
 
 def cache_is_intact(cache_dir: Path) -> bool:
     """Every file listed in the cache's checksum file exists and matches its SHA-256."""
     try:
-        sums = json.loads((cache_dir / CHECKSUM_FILE).read_text())
-        return bool(sums) and all(file_sha256(cache_dir / n) == s for n, s in sums.items())
-    except (OSError, ValueError, AttributeError) as err:
-        logger.debug("cache %s unreadable: %s", cache_dir, err)
+        sources.verify_checksums(cache_dir)
+    except ValueError as err:
+        logger.debug("cache %s is not intact: %s", cache_dir, err)
         return False
+    return True
 
 
 def _write_embedded_dir(cache_dir: Path) -> None:
@@ -289,19 +263,10 @@ def _write_embedded_dir(cache_dir: Path) -> None:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
     del gguf_model
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f".{cache_dir.name}.tmp-"))
-    try:
+    with sources.checked_cache_writer(cache_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        sums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-        (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=2))
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        os.replace(tmp, cache_dir)
-        logger.info("cached the dequantized %s in %s", EMBEDDED_MODEL_NAME, cache_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("cached the dequantized %s in %s", EMBEDDED_MODEL_NAME, cache_dir)
 
 
 def load_embedded(

@@ -20,13 +20,9 @@ each ``hook_resid_post`` vector by its mean, which MLSAE statistics would silent
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib.metadata
 import json
 import logging
-import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,18 +35,17 @@ from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mlsae_lens import sources
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.sources import (
-    CHECKSUM_FILE,
     EMBEDDED_MODEL_NAME,
     INSTALL_HINT,
-    cache_root,
-    embedded_gguf_path,
-    file_sha256,
+    checked_cache_writer,
     hub_failure,
     hub_offline_mode,
     hub_reachable,
     offline_requested,
+    verify_checksums,
 )
 
 logger = logging.getLogger(__name__)
@@ -215,26 +210,9 @@ def hooked_transformer_from_hf(
 
 
 
-def embedded_cache_dir(gguf: Path | None = None) -> Path:
-    """Cache folder for the embedded model.
-
-    Its name hashes the GGUF file's size and mtime, the cache format and the TransformerLens
-    version, so a changed GGUF or a new conversion never reuses stale weights.
-    """
-    gguf = gguf if gguf is not None else embedded_gguf_path()
-    stat = gguf.stat()
-    key = json.dumps(
-        {
-            "gguf": gguf.name,
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "format": CACHE_FORMAT_VERSION,
-            "transformer_lens": importlib.metadata.version("transformer-lens"),
-        },
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_root() / f"{EMBEDDED_MODEL_NAME}-{digest}"
+def embedded_cache_dir() -> Path:
+    """Cache folder of the embedded model as processed TransformerLens weights."""
+    return sources.embedded_cache_dir("", CACHE_FORMAT_VERSION, "transformer-lens")
 
 
 def _keep_original_tokenizer(model: HookedTransformer, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -258,28 +236,20 @@ def _write_cache(cache_dir: Path, model: HookedTransformer, config: dict[str, An
     config saying so (``RMSPre``): TL's ``load_and_process_state_dict`` loads one key at a time
     and takes ~10 s here, while processed weights load in one ``load_state_dict`` call.
     """
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f".{cache_dir.name}.tmp-"))
     try:
-        tensors = {
-            name: param.detach().to("cpu", torch.float32).contiguous()
-            for name, param in model.named_parameters()
-        }
-        save_file(tensors, tmp / STATE_DICT_FILE)
-        config = {**config, "normalization_type": model.cfg.normalization_type}
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-        model.tokenizer.save_pretrained(tmp)
-        sums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-        (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=2))
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        os.replace(tmp, cache_dir)
+        with checked_cache_writer(cache_dir) as tmp:
+            tensors = {
+                name: param.detach().to("cpu", torch.float32).contiguous()
+                for name, param in model.named_parameters()
+            }
+            save_file(tensors, tmp / STATE_DICT_FILE)
+            config = {**config, "normalization_type": model.cfg.normalization_type}
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+            model.tokenizer.save_pretrained(tmp)
         logger.info("cached converted %s weights in %s", EMBEDDED_MODEL_NAME, cache_dir)
     except OSError as err:
         # A read-only or full disk should not stop the load; the next load simply rebuilds.
         logger.warning("could not write the model cache %s (%s); continuing", cache_dir, err)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_checked_cache(cache_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
@@ -291,11 +261,8 @@ def read_checked_cache(cache_dir: Path) -> tuple[dict[str, Any], dict[str, torch
     """
     from transformers import AutoTokenizer
 
+    verify_checksums(cache_dir)
     try:
-        sums = json.loads((cache_dir / CHECKSUM_FILE).read_text())
-        for name, expected in sums.items():
-            if file_sha256(cache_dir / name) != expected:
-                raise ValueError(f"{name} does not match its checksum")
         config = json.loads((cache_dir / CONFIG_FILE).read_text())
         state_dict = load_file(cache_dir / STATE_DICT_FILE)
         tokenizer = AutoTokenizer.from_pretrained(cache_dir)
@@ -352,8 +319,7 @@ def load_embedded(
     The cache is deleted only when it is proven bad (a missing file, an unreadable file or a
     checksum mismatch): an error from ``device`` or ``dtype`` leaves it alone.
     """
-    gguf = embedded_gguf_path()
-    cache_dir = embedded_cache_dir(gguf)
+    cache_dir = embedded_cache_dir()
     if cache_dir.exists():
         try:
             contents = read_checked_cache(cache_dir)

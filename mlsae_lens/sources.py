@@ -11,9 +11,12 @@ Both backends (:mod:`mlsae_lens.bridge`, :mod:`mlsae_lens.hooked`) build on this
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mlsae_lens.atomic import staging_dir, with_umask_modes
 from mlsae_lens.errors import MLSAEError
 
 logger = logging.getLogger(__name__)
@@ -146,6 +150,51 @@ def file_sha256(path: Path) -> str:
         while block := handle.read(1 << 24):
             digest.update(block)
     return digest.hexdigest()
+
+
+def embedded_cache_dir(label: str, format_version: int, library: str) -> Path:
+    """Cache folder of one conversion of the embedded model (``label`` tells the conversions
+    apart). Its name hashes the GGUF file's size and mtime, the conversion's format version and
+    the version of the ``library`` that reads it, so a changed GGUF or a new conversion never
+    reuses stale files."""
+    gguf = embedded_gguf_path()
+    stat = gguf.stat()
+    key = json.dumps(
+        {"gguf": gguf.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+         "format": format_version, library.replace("-", "_"): importlib.metadata.version(library)},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_root() / f"{EMBEDDED_MODEL_NAME}{label}-{digest}"
+
+
+def verify_checksums(cache_dir: Path) -> None:
+    """Raise ``ValueError`` unless every file listed in the cache's checksum file exists and
+    matches its SHA-256: only then is a cache proven bad (and rebuilt)."""
+    try:
+        sums = json.loads((cache_dir / CHECKSUM_FILE).read_text())
+        if not sums:
+            raise ValueError("the checksum file lists no files")
+        for name, expected in sums.items():
+            if file_sha256(cache_dir / name) != expected:
+                raise ValueError(f"{name} does not match its checksum")
+    except (OSError, AttributeError) as err:
+        raise ValueError(f"{type(err).__name__}: {err}") from err
+
+
+@contextmanager
+def checked_cache_writer(cache_dir: Path) -> Iterator[Path]:
+    """Yield a staging folder beside ``cache_dir``; once the block has written it, record the
+    files' checksums, give them plain modes and rename the folder over ``cache_dir`` (a cache
+    appears whole or not at all)."""
+    with staging_dir(cache_dir.parent, f".{cache_dir.name}.tmp-") as tmp:
+        yield tmp
+        sums = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=2))
+        with_umask_modes(tmp)
+        if cache_dir.exists():
+            shutil.rmtree(cache_dir)
+        os.replace(tmp, cache_dir)
 
 
 def check_device(device: str) -> torch.device:

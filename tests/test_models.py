@@ -6,6 +6,7 @@ mode with an empty Hugging Face cache. Local-directory (bridge) models are in te
 """
 
 import json
+import os
 import logging
 import shutil
 import time
@@ -287,10 +288,11 @@ def test_cache_key_changes_with_the_gguf_file(tmp_path, monkeypatch):
     monkeypatch.setenv(sources.CACHE_ENV_VAR, str(tmp_path / "cache"))
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"x" * 10)
+    monkeypatch.setattr(sources, "embedded_gguf_path", lambda: gguf)
     for cache_dir in (embedded_cache_dir, bridge.embedded_cache_dir):
-        first = cache_dir(gguf)
+        first = cache_dir()
         gguf.write_bytes(b"x" * 11)
-        assert cache_dir(gguf) != first
+        assert cache_dir() != first
         assert first.parent == tmp_path / "cache"
         gguf.write_bytes(b"x" * 10)
 
@@ -399,6 +401,10 @@ def test_corrupt_bridge_cache_is_rebuilt(embedded_model, hf_smollm2, tmp_path, m
         model = load_model(backend="bridge")
     assert "is bad" in caplog.text and "cached the dequantized" in caplog.text
     assert bridge.cache_is_intact(cache_dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [cache_dir, *cache_dir.iterdir()]}
+    assert modes == {p: (0o777 if p == cache_dir.name else 0o666) & ~umask for p in modes}  # not 0600/0700
     ids = torch.arange(100, 120)[None]
     torch.testing.assert_close(harvest_resid_post(model, ids), harvest_resid_post(embedded_model, ids))
 
