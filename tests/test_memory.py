@@ -131,11 +131,15 @@ def test_resume_with_auto_reuses_the_recorded_batch_and_refuses_another(tmp_path
     splits = tiny_token_splits()
     out = tmp_path / "run"
     MultiLayerSAETrainingRunner(tiny_config(out, model_batch_size=2), model=tiny_model, splits=splits).run()
+    for name in ("cfg.json", "sae_weights.safetensors"):  # as if interrupted after the last checkpoint
+        (out / name).unlink()
     longer = dict(resume=True, training_tokens=15 * 9)
     resumed = MultiLayerSAETrainingRunner(tiny_config(out, **longer), model=tiny_model, splits=splits)
     assert resumed.cfg.model_batch_size == 2  # not the memory-based choice (the cap here)
     resumed.run()
     assert json.loads((out / "run.json").read_text())["model_batch_size"] == 2
+    for name in ("cfg.json", "sae_weights.safetensors"):
+        (out / name).unlink()
     with pytest.raises(MLSAEError, match="model_batch_size"):
         MultiLayerSAETrainingRunner(tiny_config(out, model_batch_size=3, **longer), model=tiny_model, splits=splits)
 
