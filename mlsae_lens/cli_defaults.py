@@ -19,3 +19,24 @@ ANALYZE_DEFAULTS = SimpleNamespace(tokens=100_000, weighting="uniform_tokens", s
 LENS_DEFAULTS = SimpleNamespace(steps=40, tokens_per_step=32, pool_tokens=2048, eval_tokens=256, lr_scale=1.0,
                                 momentum=0.9, weight_decay=1e-3, model_batch_size=None, seed=42)
 """The fields of ``mlsae_lens.lens.LensTrainingConfig()`` that are ``train-lens`` flags."""
+
+
+DEMO_DEFAULTS = {"training_tokens": 40_000, "output_dir": None, "lr": 1e-3}
+# Config fields `mlsae-lens cache` reads (the others would be ignored, so it does not offer them).
+CACHE_FIELDS = ("model_name", "dataset", "text_column", "context_size", "test_fraction", "max_corpus_tokens",
+                "training_tokens", "contexts_per_chunk", "batch_size_tokens", "model_batch_size", "seed", "device",
+                "model_backend")
+
+
+# One line per subcommand for `mlsae-lens --help`, which builds no subcommand's parser in full.
+COMMAND_HELP = {
+    "train": "train an MLSAE on every layer's residual stream",
+    "demo": "train a small MLSAE on the embedded model and corpus, evaluate it, write the report",
+    "analyze": "latent distributions over layers and residual-stream norms on the test split",
+    "compare": "Eq. 11/12 bars and norm profiles of several analysed runs",
+    "explore": "browse each latent's top contexts per layer in one offline HTML page",
+    "eval": "per-layer reconstruction and downstream-loss metrics, against baselines",
+    "cache": "harvest every layer's activations once for a token budget, for many SAEs",
+    "train-lens": "train a tuned lens (tuned-lens' TunedLens and KL objective) for --tuned-lens",
+    "pretrained": "list the published MLSAEs, or convert one into a run directory",
+}
