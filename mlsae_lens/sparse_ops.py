@@ -59,12 +59,21 @@ def use_dense_gemm(t: Tensor, n_latents: int) -> bool:
 
 def transposed_code_matmul(index: Tensor, rows: Tensor, values: Tensor, n_latents: int, n_rows: int, dense: Tensor) -> Tensor:
     """``Gᵀ @ dense`` for the sparse ``[n_rows, n_latents]`` matrix ``G[rows[e], index[e]] += values[e]``
-    (duplicates summed), as ``[n_latents, d]``: a sparse product on CPU, a scatter + GEMM on GPU."""
+    (duplicates summed), as ``[n_latents, d]``: a scatter + GEMM on GPU, else one bag per latent.
+
+    Row ``j`` of the result is ``Σ_{e: index[e] = j} values[e] · dense[rows[e]]``: an
+    ``embedding_bag`` over ``dense`` once the entries are grouped by latent (a stable sort, so
+    the sum order and the result are deterministic). On CPU this is 3-4x faster than
+    ``torch.sparse.mm`` on a COO matrix, which coalesces and zero-fills its output first.
+    """
     if use_dense_gemm(dense, n_latents):
         G = values.new_zeros(n_rows, n_latents).index_put_((rows, index), values, accumulate=True)
         return G.t() @ dense.to(values.dtype)
-    G_t = torch.sparse_coo_tensor(torch.stack([index, rows]), values, (n_latents, n_rows), check_invariants=False)
-    return torch.sparse.mm(G_t, dense.to(values.dtype))
+    # int32 keys sort about twice as fast as int64 ones; latent ids always fit.
+    order = torch.sort(index.to(torch.int32), stable=True).indices
+    counts = torch.bincount(index, minlength=n_latents)
+    offsets = counts.cumsum(0) - counts
+    return F.embedding_bag(rows[order], dense.to(values.dtype), offsets, per_sample_weights=values[order], mode="sum")
 
 
 def aux_is_dense(n_dead: int, aux_k: int) -> bool:
