@@ -201,3 +201,16 @@ def test_benchmark_quick_json_reports_every_ratio() -> None:
     result = json.loads(proc.stdout)
     for key in ("train_vs_saelens", "train_vs_floor", "harvest_vs_forward", "analysis_vs_encode", "analysis_memory_ratio"):
         assert result[key] > 0, key
+
+
+def test_dead_block_keeps_the_top_aux_k_after_relu_in_crowded_and_sparse_rows() -> None:
+    gen = torch.Generator().manual_seed(1)
+    dead_pre = torch.randn(64, 20, generator=gen, dtype=torch.float64)
+    dead_pre[::2] -= 1.5  # few positive entries: these rows skip the top-k
+    aux_k = 6
+    positives = (dead_pre > 0).sum(1)
+    assert (positives > aux_k).any() and (positives <= aux_k).any()  # both kinds of row
+    top = dead_pre.topk(aux_k, dim=-1)
+    expected = torch.zeros_like(dead_pre).scatter_(1, top.indices, top.values.relu())
+    torch.testing.assert_close(sparse_ops._dead_block(dead_pre.clone(), aux_k), expected, rtol=0, atol=0)
+    torch.testing.assert_close(sparse_ops._dead_block(dead_pre.clone(), 20), dead_pre.relu(), rtol=0, atol=0)
