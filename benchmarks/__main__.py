@@ -60,10 +60,12 @@ def bench_train(s: Sizes, device: str = "cpu") -> dict[str, dict[str, float]]:
     for r in s.ratios:
         d_sae = r * s.d_in
         args = (s.d_in, d_sae, s.k, s.vectors)
+        sparsify = train.sparsify_step(*args, device=device)  # None when sparsify is not installed
+        peers = {"sparsify": sparsify} if sparsify else {}
         times = interleaved_medians(
             {"mlsae": train.mlsae_step(*args, device=device), "floor": train.floor_step(*args, device=device),
              "mlsae_no_dead": train.mlsae_step(*args, dead_fraction=0.0, device=device),
-             "mlsae_1pct_dead": train.mlsae_step(*args, dead_fraction=0.01, device=device)},
+             "mlsae_1pct_dead": train.mlsae_step(*args, dead_fraction=0.01, device=device), **peers},
             repeats=s.train_repeats,
         )
         times |= interleaved_medians(
@@ -90,6 +92,9 @@ def bench_train(s: Sizes, device: str = "cpu") -> dict[str, dict[str, float]]:
             "train_vs_floor_default_adam": default_adam["mlsae"] / default_adam["floor"],
             "train_vs_floor_no_dead": times["mlsae_no_dead"] / times["floor"],
             "train_vs_floor_1pct_dead": times["mlsae_1pct_dead"] / times["floor"],
+            # None: sparsify is not installed (see train.SPARSIFY_INSTALL).
+            "sparsify_s": times.get("sparsify"),
+            "train_vs_sparsify": times["sparsify"] / times["mlsae"] if "sparsify" in times else None,
         }
         logger.info("train R=%d: %s", r, out[f"R{r}"])
     return out
@@ -218,6 +223,7 @@ def summary(results: dict) -> dict[str, float]:
     return {
         "train_vs_saelens": first["train_vs_saelens"],
         "train_vs_floor": first["train_vs_floor"],
+        "train_vs_sparsify": first.get("train_vs_sparsify"),
         "harvest_vs_forward": results["harvest"]["harvest_vs_forward"],
         "analysis_vs_encode": results["analysis"]["analysis_vs_encode"],
         "analysis_memory_ratio": results["analysis"]["analysis_memory_ratio"],

@@ -1,5 +1,6 @@
 """The sparse TopK ops equal plain autograd: values, losses and every gradient."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -201,6 +202,9 @@ def test_benchmark_quick_json_reports_every_ratio() -> None:
     result = json.loads(proc.stdout)
     for key in ("train_vs_saelens", "train_vs_floor", "harvest_vs_forward", "analysis_vs_encode", "analysis_memory_ratio"):
         assert result[key] > 0, key
+    # The sparsify peer: timed where it is installed, reported as skipped (null) where not.
+    assert (result["train_vs_sparsify"] is None) == (importlib.util.find_spec("sparsify") is None)
+    assert result["train_vs_sparsify"] is None or result["train_vs_sparsify"] > 0
 
 
 def test_dead_block_keeps_the_top_aux_k_after_relu_in_crowded_and_sparse_rows() -> None:
