@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -230,12 +231,34 @@ def summary(results: dict) -> dict[str, float]:
     }
 
 
+def refresh_train_rows(sizes: Sizes, device: str, output: Path, command: str) -> dict:
+    """Measure the training step only and put its rows into the last full run's results (the
+    other sections are kept as they were measured then, which the results file says)."""
+    from benchmarks.report import write_results
+
+    previous = output.with_suffix(".json")
+    if not previous.exists():
+        raise SystemExit(f"--train-only: {previous} does not exist; run the full `python -m benchmarks` once first")
+    results = json.loads(previous.read_text())
+    results.pop("ratios", None)
+    results["train"] = bench_train(sizes, device)
+    ratios = summary(results)
+    stem = "scaling-cuda" if device.startswith("cuda") else "scaling"
+    plots = [p.name for p in (output.parent / f"{stem}.html", output.parent / f"{stem}.png") if p.exists()]
+    command += f"` (training rows, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; harvest, analysis and scaling from the previous full run: `python -m benchmarks"
+    write_results(output, results, ratios, machine(), plots, command)
+    atomic_write_text(previous, json.dumps({"ratios": ratios, **results}, indent=1, default=str))
+    return {"ratios": ratios, **results}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="small sizes, under a minute on 2 cores; writes nothing")
     size.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite; writes nothing")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the ratios) on stdout")
+    parser.add_argument("--train-only", action="store_true", help="only the training-step benchmark; a full-size "
+                        "run replaces the training rows of the results file and keeps its other sections")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: bigger batches, bf16 encoder matmul "
                         "as the runner uses there; default: %(default)s)")
     parser.add_argument("--output", type=Path, default=None,
@@ -248,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     sizes = SMOKE if args.smoke else QUICK if args.quick else GPU if device.startswith("cuda") else FULL
     output = args.output or HERE / ("results-cuda.md" if device.startswith("cuda") else "results.md")
     torch.manual_seed(0)
+    if args.train_only:
+        if args.quick or args.smoke:
+            print(json.dumps(bench_train(sizes, device), indent=1))
+        else:
+            out = refresh_train_rows(sizes, device, output, " ".join(["python -m benchmarks", *(argv or sys.argv[1:])]))
+            print(json.dumps(out["ratios"] if args.json else out, indent=1, default=str))
+        return 0
     results = {
         "device": device,
         "train": bench_train(sizes, device),
