@@ -232,8 +232,9 @@ def summary(results: dict) -> dict[str, float]:
 
 
 def refresh_train_rows(sizes: Sizes, device: str, output: Path, command: str) -> dict:
-    """Measure the training step only and put its rows into the last full run's results (the
-    other sections are kept as they were measured then, which the results file says)."""
+    """Measure the training step only (its rows and the scaling plot) and put it into the last
+    full run's results (harvest and analysis are kept as they were measured then, which the
+    results file says)."""
     from benchmarks.report import write_results
 
     previous = output.with_suffix(".json")
@@ -242,10 +243,13 @@ def refresh_train_rows(sizes: Sizes, device: str, output: Path, command: str) ->
     results = json.loads(previous.read_text())
     results.pop("ratios", None)
     results["train"] = bench_train(sizes, device)
-    ratios = summary(results)
     stem = "scaling-cuda" if device.startswith("cuda") else "scaling"
-    plots = [p.name for p in (output.parent / f"{stem}.html", output.parent / f"{stem}.png") if p.exists()]
-    command += f"` (training rows, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; harvest, analysis and scaling from the previous full run: `python -m benchmarks"
+    plots = []
+    if sizes.scaling_ratios or sizes.scaling_ks:
+        results["scaling"] = bench_scaling(sizes, device)
+        plots = write_plot(results["scaling"], output.parent / stem)
+    ratios = summary(results)
+    command += f"` (training step and scaling, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; harvest and analysis from the previous full run: `python -m benchmarks"
     write_results(output, results, ratios, machine(), plots, command)
     atomic_write_text(previous, json.dumps({"ratios": ratios, **results}, indent=1, default=str))
     return {"ratios": ratios, **results}
@@ -257,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     size.add_argument("--quick", action="store_true", help="small sizes, under a minute on 2 cores; writes nothing")
     size.add_argument("--smoke", action="store_true", help="tiny sizes for the test suite; writes nothing")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the ratios) on stdout")
-    parser.add_argument("--train-only", action="store_true", help="only the training-step benchmark; a full-size "
-                        "run replaces the training rows of the results file and keeps its other sections")
+    parser.add_argument("--train-only", action="store_true", help="only the training-step benchmarks; a full-size "
+                        "run replaces the training and scaling rows of the results file and keeps its other sections")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: bigger batches, bf16 encoder matmul "
                         "as the runner uses there; default: %(default)s)")
     parser.add_argument("--output", type=Path, default=None,
