@@ -133,19 +133,21 @@ def _select(pre: Tensor, k: int, dead: Tensor | None, aux_k: int) -> tuple[Tenso
     return values, top.indices, dead_top.values.relu(), dead[dead_top.indices]
 
 
-def _dead_block(dead_pre: Tensor, aux_k: int) -> Tensor:
+def _dead_block(dead_pre: Tensor, aux_k: int, crowded_rows_only: bool | None = None) -> Tensor:
     """ReLU of the top ``aux_k`` of each row of ``dead_pre`` ``[N, n_dead]``, zeros elsewhere.
 
     Only positive pre-activations survive the ReLU, so a row with at most ``aux_k`` of them
     keeps exactly its positive entries whichever non-positive ones a top-k would also pick:
     on CPU only the other rows go through ``topk`` (with k near n_dead it costs about a fifth
     of the main top-k, and dead latents rarely have many positive pre-activations). On GPU
-    every row does, to avoid a host sync.
+    every row does, to avoid a host sync (``crowded_rows_only`` overrides the choice).
     """
     n_dead = dead_pre.shape[1]
     if aux_k >= n_dead:
         return dead_pre.relu_()
-    if dead_pre.device.type != "cpu":
+    if crowded_rows_only is None:
+        crowded_rows_only = dead_pre.device.type == "cpu"
+    if not crowded_rows_only:
         top = dead_pre.topk(aux_k, dim=-1, sorted=False)
         return torch.zeros_like(dead_pre).scatter_(1, top.indices, top.values.relu())
     rows = ((dead_pre > 0).sum(1) > aux_k).nonzero().squeeze(1)
@@ -330,7 +332,7 @@ def _entry_dot(grad_out: Tensor, W_dec: Tensor, flat_indices: Tensor, offsets: T
     """``grad_out[bag(e)] · W_dec[index(e)]`` for every entry ``e``, without gathering rows."""
     if use_dense_gemm(grad_out, W_dec.shape[0]):  # one [N, d_sae] GEMM, then a gather: no N·k × d_in rows
         return (grad_out @ W_dec.t())[bag_of_entry, flat_indices]
-    if grad_out.device.type == "cpu":
+    if grad_out.device.type == "cpu" and grad_out.dtype in (torch.float32, torch.float64):
         # ``grad_out @ W_decᵀ`` sampled at the entries (a CSR pattern, one row per bag): 1.5-1.8x
         # faster on CPU than embedding_bag's own per-sample-weights backward (a BLAS call per entry).
         n_entries = flat_indices.numel()
@@ -341,6 +343,8 @@ def _entry_dot(grad_out: Tensor, W_dec: Tensor, flat_indices: Tensor, offsets: T
                 crow, flat_indices, grad_out.new_zeros(n_entries), (offsets.numel(), W_dec.shape[0]), check_invariants=False
             )
             return torch.sparse.sampled_addmm(pattern, grad_out, W_dec.t(), beta=0.0).values()
+    if grad_out.device.type == "cpu":  # other dtypes: the kernel of embedding_bag's own backward
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(grad_out, W_dec, flat_indices, offsets, bag_of_entry, 0, -1)
     return (W_dec[flat_indices] * grad_out[bag_of_entry]).sum(-1)
 
 

@@ -216,5 +216,23 @@ def test_dead_block_keeps_the_top_aux_k_after_relu_in_crowded_and_sparse_rows() 
     assert (positives > aux_k).any() and (positives <= aux_k).any()  # both kinds of row
     top = dead_pre.topk(aux_k, dim=-1)
     expected = torch.zeros_like(dead_pre).scatter_(1, top.indices, top.values.relu())
-    torch.testing.assert_close(sparse_ops._dead_block(dead_pre.clone(), aux_k), expected, rtol=0, atol=0)
+    for crowded_rows_only in (True, False):  # CPU's choice and the GPU's (every row through topk)
+        block = sparse_ops._dead_block(dead_pre.clone(), aux_k, crowded_rows_only)
+        torch.testing.assert_close(block, expected, rtol=0, atol=0)
     torch.testing.assert_close(sparse_ops._dead_block(dead_pre.clone(), 20), dead_pre.relu(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_code_gradient_of_sparse_decode_matches_a_gather_in_every_cpu_dtype(dtype) -> None:
+    """The CPU code gradient (a sampled product for float32/64, embedding_bag's kernel for
+    other dtypes) against gathered rows."""
+    gen = torch.Generator().manual_seed(2)
+    W_dec = torch.randn(D_SAE, D_IN, generator=gen).to(dtype).requires_grad_()
+    values = torch.rand(N, 3, generator=gen).to(dtype).requires_grad_()
+    indices = torch.stack([torch.randperm(D_SAE, generator=gen)[:3] for _ in range(N)])
+    grad_out = torch.randn(N, D_IN, generator=gen).to(dtype)
+    (out,) = sparse_decode([(values, indices)], W_dec)
+    (grad_values,) = torch.autograd.grad(out, values, grad_out)
+    expected = (W_dec.detach()[indices].float() * grad_out.float()[:, None]).sum(-1)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(grad_values.float(), expected, rtol=tol, atol=tol)
