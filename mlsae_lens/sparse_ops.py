@@ -75,10 +75,10 @@ def transposed_code_matmul(index: Tensor, rows: Tensor, values: Tensor, n_latent
     if use_dense_gemm(dense, n_latents):
         G = values.new_zeros(n_rows, n_latents).index_put_((rows, index), values, accumulate=True)
         return G.t() @ dense.to(values.dtype)
-    # int32 keys sort about twice as fast as int64 ones; latent ids always fit.
-    order = torch.sort(index.to(torch.int32), stable=True).indices
-    counts = torch.bincount(index, minlength=n_latents)
-    offsets = counts.cumsum(0) - counts
+    # int32 keys sort about twice as fast as int64 ones; latent ids always fit. Each latent's
+    # bag starts where the sorted ids reach it (a parallel bincount was 4x slower on 2 busy cores).
+    keys, order = torch.sort(index.to(torch.int32), stable=True)
+    offsets = torch.searchsorted(keys, torch.arange(n_latents, dtype=torch.int32, device=keys.device))
     return F.embedding_bag(
         rows.index_select(0, order), dense.to(values.dtype), offsets, per_sample_weights=values.index_select(0, order), mode="sum"
     )
