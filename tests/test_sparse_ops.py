@@ -236,3 +236,16 @@ def test_code_gradient_of_sparse_decode_matches_a_gather_in_every_cpu_dtype(dtyp
     expected = (W_dec.detach()[indices].float() * grad_out.float()[:, None]).sum(-1)
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(grad_values.float(), expected, rtol=tol, atol=tol)
+
+
+def test_benchmark_train_only_refreshes_the_training_rows_and_keeps_the_rest(tmp_path) -> None:
+    from benchmarks import __main__ as bench
+
+    previous = json.loads((REPO / "benchmarks" / "results.json").read_text())
+    (tmp_path / "results.json").write_text(json.dumps(previous))
+    out = bench.refresh_train_rows(bench.SMOKE, "cpu", tmp_path / "results.md", "python -m benchmarks --train-only")
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["harvest"] == previous["harvest"] and written["analysis"] == previous["analysis"]
+    assert written["train"]["R8"]["d_sae"] == 8 * bench.SMOKE.d_in != previous["train"]["R8"]["d_sae"]
+    assert written["ratios"] == out["ratios"]
+    assert "harvest and analysis from the previous full run" in (tmp_path / "results.md").read_text()
