@@ -579,7 +579,7 @@ class MultiLayerTrainingSAE(MultiLayerMixin, TrainingSAE[MultiLayerTrainingSAECo
             assert dead_mask is not None
             if self.dense:
                 codes.append((code.aux_values, code.aux_indices))
-            elif sparse_ops.aux_is_dense(n_dead, self.cfg.effective_aux_k, dead_mask.device):
+            elif sparse_ops.aux_is_dense(n_dead, self.cfg.effective_aux_k, flat.device):  # as topk_encode chose
                 aux_recon = sparse_ops.decode_dead(code.aux_values, code.aux_indices, dead_mask, self.W_dec)
             else:  # many dead latents: one sparse decode (and one W_dec gradient) for both codes
                 codes.append((code.aux_values, code.aux_indices))
