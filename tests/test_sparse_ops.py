@@ -102,6 +102,22 @@ def test_both_auxk_branches_are_exercised_by_the_cases() -> None:
     assert branches == {True, False}
 
 
+def test_dense_auxk_cases_mix_rows_that_need_a_top_k_and_rows_that_do_not() -> None:
+    """The gradient cases above cover both kinds of row of the dense AuxK block (more, or at
+    most, aux_k positive dead pre-activations; see sparse_ops._dead_block)."""
+    p = params()
+    pre = (p["x"] - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    crowded = [
+        bool(((pre[:, dead] > 0).sum(1) > aux_k).any()) for _, dead, aux_k in CASES
+        if dead is not None and aux_is_dense(int(dead.sum()), aux_k)
+    ]
+    uncrowded = [
+        bool(((pre[:, dead] > 0).sum(1) <= aux_k).any()) for _, dead, aux_k in CASES
+        if dead is not None and aux_is_dense(int(dead.sum()), aux_k)
+    ]
+    assert any(crowded) and any(uncrowded)
+
+
 def test_sparse_gradients_match_in_float32_too(backward_path) -> None:
     dead = torch.arange(D_SAE) % 4 == 1
     _, ref_loss, ref_grads = loss_and_grads(dense_topk_encode, dense_decode, params(torch.float32), 3, dead, 4)
