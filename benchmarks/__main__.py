@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -60,10 +61,12 @@ def bench_train(s: Sizes, device: str = "cpu") -> dict[str, dict[str, float]]:
     for r in s.ratios:
         d_sae = r * s.d_in
         args = (s.d_in, d_sae, s.k, s.vectors)
+        sparsify = train.sparsify_step(*args, device=device)  # None when sparsify is not installed
+        peers = {"sparsify": sparsify} if sparsify else {}
         times = interleaved_medians(
             {"mlsae": train.mlsae_step(*args, device=device), "floor": train.floor_step(*args, device=device),
              "mlsae_no_dead": train.mlsae_step(*args, dead_fraction=0.0, device=device),
-             "mlsae_1pct_dead": train.mlsae_step(*args, dead_fraction=0.01, device=device)},
+             "mlsae_1pct_dead": train.mlsae_step(*args, dead_fraction=0.01, device=device), **peers},
             repeats=s.train_repeats,
         )
         times |= interleaved_medians(
@@ -90,6 +93,9 @@ def bench_train(s: Sizes, device: str = "cpu") -> dict[str, dict[str, float]]:
             "train_vs_floor_default_adam": default_adam["mlsae"] / default_adam["floor"],
             "train_vs_floor_no_dead": times["mlsae_no_dead"] / times["floor"],
             "train_vs_floor_1pct_dead": times["mlsae_1pct_dead"] / times["floor"],
+            # None: sparsify is not installed (see train.SPARSIFY_INSTALL).
+            "sparsify_s": times.get("sparsify"),
+            "train_vs_sparsify": times["sparsify"] / times["mlsae"] if "sparsify" in times else None,
         }
         logger.info("train R=%d: %s", r, out[f"R{r}"])
     return out
@@ -224,10 +230,35 @@ def summary(results: dict) -> dict[str, float]:
     return {
         "train_vs_saelens": first["train_vs_saelens"],
         "train_vs_floor": first["train_vs_floor"],
+        "train_vs_sparsify": first.get("train_vs_sparsify"),
         "harvest_vs_forward": results["harvest"]["harvest_vs_forward"],
         "analysis_vs_encode": results["analysis"]["analysis_vs_encode"],
         "analysis_memory_ratio": results["analysis"]["analysis_memory_ratio"],
     }
+
+
+def refresh_train_rows(sizes: Sizes, device: str, output: Path, command: str) -> dict:
+    """Measure the training step only (its rows and the scaling plot) and put it into the last
+    full run's results (harvest and analysis are kept as they were measured then, which the
+    results file says)."""
+    from benchmarks.report import write_results
+
+    previous = output.with_suffix(".json")
+    if not previous.exists():
+        raise SystemExit(f"--train-only: {previous} does not exist; run the full `python -m benchmarks` once first")
+    results = json.loads(previous.read_text())
+    results.pop("ratios", None)
+    results["train"] = bench_train(sizes, device)
+    stem = "scaling-cuda" if device.startswith("cuda") else "scaling"
+    plots = []
+    if sizes.scaling_ratios or sizes.scaling_ks:
+        results["scaling"] = bench_scaling(sizes, device)
+        plots = write_plot(results["scaling"], output.parent / stem)
+    ratios = summary(results)
+    command += f"` (training step and scaling, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; harvest and analysis from the previous full run: `python -m benchmarks"
+    write_results(output, results, ratios, machine(), plots, command)
+    atomic_write_text(previous, json.dumps({"ratios": ratios, **results}, indent=1, default=str))
+    return {"ratios": ratios, **results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object (the ratios) on stdout")
     parser.add_argument("--harvest-only", action="store_true", help="only the harvest benchmark (both model "
                         "backends, the embedded model unless --smoke); prints JSON, writes nothing")
+    parser.add_argument("--train-only", action="store_true", help="only the training-step benchmarks; a full-size "
+                        "run replaces the training and scaling rows of the results file and keeps its other sections")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda: bigger batches, bf16 encoder matmul "
                         "as the runner uses there; default: %(default)s)")
     parser.add_argument("--output", type=Path, default=None,
@@ -252,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     if args.harvest_only:
         print(json.dumps(bench_harvest(replace(sizes, embedded_model=not args.smoke), device), indent=2))
+        return 0
+    if args.train_only:
+        if args.quick or args.smoke:
+            print(json.dumps(bench_train(sizes, device), indent=1))
+        else:
+            out = refresh_train_rows(sizes, device, output, " ".join(["python -m benchmarks", *(argv or sys.argv[1:])]))
+            print(json.dumps(out["ratios"] if args.json else out, indent=1, default=str))
         return 0
     results = {
         "device": device,

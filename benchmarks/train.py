@@ -75,6 +75,52 @@ def saelens_step(d_in: int, d_sae: int, k: int, vectors: int, fused_adam: bool =
     return step
 
 
+SPARSIFY_INSTALL = "pip install --no-deps eai-sparsify==1.3.3 natsort==8.4.0 schedulefree==1.4.1"
+"""How the benchmark's sparsify peer is installed beside the project (its other import-time
+dependencies are already pinned here); without it the peer is skipped with a note."""
+
+
+def sparsify_module():
+    """EleutherAI's ``sparsify`` if installed, else ``None``. Its import prints which decoder it
+    uses on stdout; that goes to stderr so that ``--json`` output stays one JSON object."""
+    import contextlib
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("sparsify") is None:
+        return None
+    with contextlib.redirect_stdout(sys.stderr):
+        import sparsify
+    return sparsify
+
+
+def sparsify_step(d_in: int, d_sae: int, k: int, vectors: int, fused_adam: bool = True,
+                  device: str = "cpu") -> Callable[[], None] | None:
+    """sparsify's ``SparseCoder`` step as its ``Trainer`` runs it with ``loss_fn="fvu"``: decoder
+    renormalization, forward with the dead mask (AuxK, alpha 1/32 like the MLSAE), backward,
+    radial-gradient removal, Adam. On CUDA its forward runs under its own bf16 autocast and its
+    Triton decoder when Triton is installed; on CPU its eager ``embedding_bag`` path. Its AuxK
+    trains the decoder only (its fused encoder's backward ignores the pre-activations' gradient).
+    ``None`` when sparsify is not installed."""
+    sparsify = sparsify_module()
+    if sparsify is None:
+        return None
+    sae = sparsify.SparseCoder(d_in, sparsify.SparseCoderConfig(num_latents=d_sae, k=k), device=device)
+    opt = make_adam(sae.parameters(), fused_adam)
+    x = torch.randn(vectors, d_in, device=device)
+    dead = dead_mask(d_sae, device)
+
+    def step() -> None:
+        sae.set_decoder_norm_to_unit_norm()
+        out = sae(x, dead_mask=dead)
+        (out.fvu + out.auxk_loss / 32).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
 def floor_step(d_in: int, d_sae: int, k: int, vectors: int, device: str = "cpu") -> Callable[[], None]:
     """The encoder matmul and top-k of the same batch: the part no TopK SAE can skip (in the
     dtype the MLSAE step uses for it on ``device``)."""

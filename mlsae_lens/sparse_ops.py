@@ -6,24 +6,27 @@ matmul ``x.T @ grad`` (as costly as the forward), and it keeps ``pre`` alive for
 :class:`SparseTopKEncode` instead selects the top-k (and, for AuxK, the top-``aux_k`` dead)
 latents from ``pre``, frees it, and computes every gradient from the selected entries alone:
 
-* ``grad_W_enc = x.T @ G`` with ``G`` the ``[N, d_sae]`` sparse gradient (``torch.sparse.mm``);
+* ``grad_W_enc = x.T @ G`` with ``G`` the ``[N, d_sae]`` sparse gradient (one ``embedding_bag``
+  per latent, :func:`transposed_code_matmul`);
 * ``grad_b_enc = Σ_n G[n]`` (``index_add_``);
 * ``grad_b_dec = -W_enc @ grad_b_enc`` (the pre-encoder bias is subtracted from every ``x``);
 * ``grad_x = G @ W_enc.T`` (``embedding_bag``), only when ``x`` itself needs a gradient.
 
 :class:`SparseDecode` does the same for the decoder: rows of ``W_dec`` weighted by the code
-(``embedding_bag``) forward, ``torch.sparse.mm`` for ``grad_W_dec`` and a per-entry dot product
-for the code's gradient.
+(``embedding_bag``) forward, :func:`transposed_code_matmul` for ``grad_W_dec`` and a per-entry
+dot product for the code's gradient.
 
 AuxK selects ``aux_k`` (``d_in // 2`` by default, often 9x ``k``) latents among the few dead
 ones, so its code is dense within the dead columns: with at most ``AUX_DENSE_MAX_RATIO`` dead
-latents per selected one it goes through small GEMMs over those columns (:func:`decode_dead`),
-which on CPU beat gathers by far; otherwise it joins the sparse path.
+latents per selected one it is kept as an ``[N, n_dead]`` block and goes through small GEMMs
+over those columns (:func:`decode_dead`), which on CPU beat gathers by far; otherwise it joins
+the sparse path.
 
 :func:`dense_topk_encode` and :func:`dense_decode` are plain-autograd references with the same
 signatures; tests check that both paths agree on values, losses and every gradient.
 """
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -32,10 +35,13 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 
-AUX_DENSE_MAX_RATIO = 16
-"""AuxK entries go through a dense matmul over the dead latents' columns when there are at most
-this many dead latents per selected one: gathers run ~50x slower per multiply-add than a GEMM on
-CPU, and ``aux_k`` (``d_in // 2``) is usually a large share of the few dead latents."""
+AUX_DENSE_MAX_RATIO = {"cpu": 4, "cuda": 16}
+"""Per device type: AuxK entries go through dense GEMMs over the dead latents' columns when
+there are at most this many dead latents per selected one, else through the sparse ops. On CPU
+(2 cores, d_in 576, 4096 vectors, aux_k 288, one thread per measurement) the dense block won at
+3.2 dead latents per selected one (step / floor 1.58 vs 1.64) and lost at 6.4 (1.67 vs 1.47)
+and 12.8 (1.69 vs 1.47). The CUDA value predates the ``embedding_bag`` weight gradients and is
+unmeasured since; other devices use it too."""
 
 
 DENSE_GEMM_BACKWARD: bool | None = None
@@ -59,26 +65,43 @@ def use_dense_gemm(t: Tensor, n_latents: int) -> bool:
 
 def transposed_code_matmul(index: Tensor, rows: Tensor, values: Tensor, n_latents: int, n_rows: int, dense: Tensor) -> Tensor:
     """``Gᵀ @ dense`` for the sparse ``[n_rows, n_latents]`` matrix ``G[rows[e], index[e]] += values[e]``
-    (duplicates summed), as ``[n_latents, d]``: a sparse product on CPU, a scatter + GEMM on GPU."""
+    (duplicates summed), as ``[n_latents, d]``: a scatter + GEMM on GPU, else one bag per latent.
+
+    Row ``j`` of the result is ``Σ_{e: index[e] = j} values[e] · dense[rows[e]]``: an
+    ``embedding_bag`` over ``dense`` once the entries are grouped by latent (a stable sort, so
+    the sum order and the result are deterministic). On CPU this is 3-4x faster than
+    ``torch.sparse.mm`` on a COO matrix, which coalesces and zero-fills its output first.
+    """
     if use_dense_gemm(dense, n_latents):
         G = values.new_zeros(n_rows, n_latents).index_put_((rows, index), values, accumulate=True)
         return G.t() @ dense.to(values.dtype)
-    G_t = torch.sparse_coo_tensor(torch.stack([index, rows]), values, (n_latents, n_rows), check_invariants=False)
-    return torch.sparse.mm(G_t, dense.to(values.dtype))
+    # int32 keys sort about twice as fast as int64 ones; latent ids always fit. Each latent's
+    # bag starts where the sorted ids reach it (a parallel bincount was 4x slower on 2 busy cores).
+    keys, order = torch.sort(index.to(torch.int32), stable=True)
+    offsets = torch.searchsorted(keys, torch.arange(n_latents, dtype=torch.int32, device=keys.device))
+    return F.embedding_bag(
+        rows.index_select(0, order), dense.to(values.dtype), offsets, per_sample_weights=values.index_select(0, order), mode="sum"
+    )
 
 
-def aux_is_dense(n_dead: int, aux_k: int) -> bool:
-    """Whether the AuxK code is handled as a dense ``[N, n_dead]`` block (see above)."""
-    return n_dead <= AUX_DENSE_MAX_RATIO * aux_k
+def aux_is_dense(n_dead: int, aux_k: int, device: torch.device | str = "cpu") -> bool:
+    """Whether the AuxK code on ``device`` is handled as a dense ``[N, n_dead]`` block (see above)."""
+    ratio = AUX_DENSE_MAX_RATIO.get(torch.device(device).type, AUX_DENSE_MAX_RATIO["cuda"])
+    return n_dead <= ratio * aux_k
 
 
 class SparseCode(NamedTuple):
-    """Top-k code of ``[N, d_in]`` vectors, plus the AuxK code when dead latents were given."""
+    """Top-k code of ``[N, d_in]`` vectors, plus the AuxK code when dead latents were given.
+
+    When :func:`aux_is_dense`, the AuxK code comes as the ``[N, n_dead]`` block over all dead
+    latents in order (zeros where a latent was not selected) with ``aux_indices`` the dead
+    latents' ids broadcast to ``[N, n_dead]``: the same code, in the form its GEMMs use.
+    """
 
     values: Tensor  # [N, k], post-ReLU
     indices: Tensor  # [N, k]
-    aux_values: Tensor | None  # [N, aux_k], post-ReLU
-    aux_indices: Tensor | None  # [N, aux_k], indices into d_sae (dead latents only)
+    aux_values: Tensor | None  # [N, aux_k] (or [N, n_dead], see above), post-ReLU
+    aux_indices: Tensor | None  # same shape, indices into d_sae (dead latents only)
 
 
 def _dead_columns(dead_mask: Tensor | None, aux_k: int) -> Tensor | None:
@@ -95,15 +118,45 @@ def pre_activations(centered: Tensor, W_enc: Tensor, b_enc: Tensor, matmul_dtype
     return torch.addmm(b_enc, centered, W_enc)
 
 
-def _select(pre: Tensor, k: int, dead: Tensor | None, aux_k: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Top-k (values after ReLU, indices) and, given dead columns, the AuxK top among them
-    (values after ReLU, indices into d_sae, indices into ``dead``)."""
+def _select(pre: Tensor, k: int, dead: Tensor | None, aux_k: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Top-k (values after ReLU, indices) and, given dead columns, the AuxK top among them:
+    (values after ReLU, indices into d_sae), or for :func:`aux_is_dense` the ``[N, n_dead]``
+    block of :func:`_dead_block` and ``None``."""
     top = pre.topk(k, dim=-1, sorted=False)
     values = top.values.relu()
     if dead is None:
-        return values, top.indices, None, None, None
-    dead_top = pre.index_select(1, dead).topk(min(aux_k, dead.numel()), dim=-1, sorted=False)
-    return values, top.indices, dead_top.values.relu(), dead[dead_top.indices], dead_top.indices
+        return values, top.indices, None, None
+    dead_pre = pre.index_select(1, dead)
+    if aux_is_dense(dead.numel(), aux_k, pre.device):
+        return values, top.indices, _dead_block(dead_pre, aux_k), None
+    dead_top = dead_pre.topk(min(aux_k, dead.numel()), dim=-1, sorted=False)
+    return values, top.indices, dead_top.values.relu(), dead[dead_top.indices]
+
+
+def _dead_block(dead_pre: Tensor, aux_k: int, crowded_rows_only: bool | None = None) -> Tensor:
+    """ReLU of the top ``aux_k`` of each row of ``dead_pre`` ``[N, n_dead]``, zeros elsewhere.
+
+    Only positive pre-activations survive the ReLU, so a row with at most ``aux_k`` of them
+    keeps exactly its positive entries whichever non-positive ones a top-k would also pick:
+    on CPU only the other rows go through ``topk`` (with k near n_dead it costs about a fifth
+    of the main top-k, and dead latents rarely have many positive pre-activations). On GPU
+    every row does, to avoid a host sync (``crowded_rows_only`` overrides the choice).
+    """
+    n_dead = dead_pre.shape[1]
+    if aux_k >= n_dead:
+        return dead_pre.relu_()
+    if crowded_rows_only is None:
+        crowded_rows_only = dead_pre.device.type == "cpu"
+    if not crowded_rows_only:
+        top = dead_pre.topk(aux_k, dim=-1, sorted=False)
+        return torch.zeros_like(dead_pre).scatter_(1, top.indices, top.values.relu())
+    rows = ((dead_pre > 0).sum(1) > aux_k).nonzero().squeeze(1)
+    crowded = dead_pre.index_select(0, rows)
+    block = dead_pre.relu_()
+    if rows.numel():
+        top = crowded.topk(aux_k, dim=-1, sorted=False)
+        block.index_copy_(0, rows, torch.zeros_like(crowded).scatter_(1, top.indices, top.values.relu()))
+    return block
 
 
 class SparseTopKEncode(torch.autograd.Function):
@@ -127,12 +180,12 @@ class SparseTopKEncode(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         centered = x - b_dec
         pre = pre_activations(centered, W_enc, b_enc, matmul_dtype)
-        values, indices, aux_values, aux_indices, aux_local = _select(pre, k, dead, aux_k)
+        values, indices, aux_values, aux_indices = _select(pre, k, dead, aux_k)
         del pre
         values = values.to(W_enc.dtype)
         aux_values = aux_values.to(W_enc.dtype) if aux_values is not None else None
-        ctx.dense_aux = dead is not None and aux_is_dense(dead.numel(), aux_k)
-        ctx.save_for_backward(centered, W_enc, values, indices, aux_values, aux_indices, dead, aux_local)
+        ctx.dense_aux = dead is not None and aux_is_dense(dead.numel(), aux_k, x.device)
+        ctx.save_for_backward(centered, W_enc, values, indices, aux_values, aux_indices, dead)
         ctx.mark_non_differentiable(indices, *([aux_indices] if aux_indices is not None else []))
         ctx.set_materialize_grads(True)
         return values, indices, aux_values, aux_indices
@@ -140,12 +193,14 @@ class SparseTopKEncode(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_values: Tensor, _gi: Any, grad_aux: Tensor | None, _ga: Any) -> tuple[Tensor | None, ...]:
-        centered, W_enc, values, indices, aux_values, aux_indices, dead, aux_local = ctx.saved_tensors
-        # ReLU after the selection: no gradient where the selected pre-activation was <= 0.
-        g_main = grad_values.masked_fill(values <= 0, 0)
+        centered, W_enc, values, indices, aux_values, aux_indices, dead = ctx.saved_tensors
+        # ReLU after the selection: no gradient where the selected pre-activation was <= 0. The
+        # values are >= 0, so their sign is that mask (7x faster than masked_fill on CPU); it
+        # also zeroes the dense AuxK block's unselected entries.
+        g_main = grad_values * values.sign()
         g_aux = None
         if aux_values is not None and grad_aux is not None:
-            g_aux = grad_aux.masked_fill(aux_values <= 0, 0)
+            g_aux = grad_aux * aux_values.sign()
         sparse_g, sparse_idx = [g_main], [indices]
         if g_aux is not None and not ctx.dense_aux:
             sparse_g.append(g_aux)
@@ -159,8 +214,8 @@ class SparseTopKEncode(torch.autograd.Function):
 
         grad_b_enc_full = W_enc.new_zeros(d_sae).index_add_(0, flat_index, flat_g)
         aux_block = None  # [N, n_dead] dense gradient of the dead latents' pre-activations
-        if g_aux is not None and ctx.dense_aux:
-            aux_block = g_aux.new_zeros(n, dead.numel()).scatter_(1, aux_local, g_aux)
+        if g_aux is not None and ctx.dense_aux:  # already that block (zero where not selected)
+            aux_block = g_aux
             grad_b_enc_full.index_add_(0, dead, aux_block.sum(0))
         grad_W_enc = None
         if need_w:
@@ -207,7 +262,8 @@ def topk_encode(
             and encoder bias ``[d_sae]``.
         k: latents kept per vector.
         dead_mask: ``[d_sae]`` bool; when it has any True entry and ``aux_k > 0``, also returns
-            the top-``min(aux_k, n_dead)`` pre-activations among dead latents (post-ReLU).
+            the top-``min(aux_k, n_dead)`` pre-activations among dead latents (post-ReLU; as a
+            block over the dead latents when :func:`aux_is_dense`, see :class:`SparseCode`).
         matmul_dtype: e.g. ``torch.bfloat16`` to run the one dense matmul in low precision
             (values and gradients stay in the parameters' dtype).
     """
@@ -215,14 +271,14 @@ def topk_encode(
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, b_dec, W_enc, b_enc)):
         with torch.no_grad():
             pre = pre_activations(x - b_dec, W_enc, b_enc, matmul_dtype)
-            values, indices, aux_values, aux_indices, _ = _select(pre, k, dead, aux_k)
-            return SparseCode(
-                values.to(W_enc.dtype),
-                indices,
-                aux_values.to(W_enc.dtype) if aux_values is not None else None,
-                aux_indices,
-            )
-    return SparseCode(*SparseTopKEncode.apply(x, b_dec, W_enc, b_enc, k, dead, aux_k, matmul_dtype))
+            values, indices, aux_values, aux_indices = _select(pre, k, dead, aux_k)
+            aux_values = aux_values.to(W_enc.dtype) if aux_values is not None else None
+    else:
+        values, indices, aux_values, aux_indices = SparseTopKEncode.apply(x, b_dec, W_enc, b_enc, k, dead, aux_k, matmul_dtype)
+    if aux_values is not None and aux_indices is None:  # the dense AuxK block
+        assert dead is not None
+        aux_indices = dead.expand(aux_values.shape[0], -1)
+    return SparseCode(values.to(W_enc.dtype), indices, aux_values, aux_indices)
 
 
 def dense_topk_encode(
@@ -273,15 +329,22 @@ class SparseDecode(torch.autograd.Function):
 
 
 def _entry_dot(grad_out: Tensor, W_dec: Tensor, flat_indices: Tensor, offsets: Tensor, bag_of_entry: Tensor) -> Tensor:
-    """``grad_out[bag(e)] · W_dec[index(e)]`` for every entry ``e``, without gathering rows.
-
-    Uses the kernel of ``embedding_bag``'s own per-sample-weights backward when present.
-    """
+    """``grad_out[bag(e)] · W_dec[index(e)]`` for every entry ``e``, without gathering rows."""
     if use_dense_gemm(grad_out, W_dec.shape[0]):  # one [N, d_sae] GEMM, then a gather: no N·k × d_in rows
         return (grad_out @ W_dec.t())[bag_of_entry, flat_indices]
-    op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
-    if op is not None and grad_out.device.type == "cpu":
-        return op(grad_out, W_dec, flat_indices, offsets, bag_of_entry, 0, -1)
+    if grad_out.device.type == "cpu" and grad_out.dtype in (torch.float32, torch.float64):
+        # ``grad_out @ W_decᵀ`` sampled at the entries (a CSR pattern, one row per bag): 1.5-1.8x
+        # faster on CPU than embedding_bag's own per-sample-weights backward (a BLAS call per entry).
+        n_entries = flat_indices.numel()
+        crow = torch.cat([offsets, offsets.new_tensor([n_entries])])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Sparse CSR tensor support is in beta state"
+            pattern = torch.sparse_csr_tensor(
+                crow, flat_indices, grad_out.new_zeros(n_entries), (offsets.numel(), W_dec.shape[0]), check_invariants=False
+            )
+            return torch.sparse.sampled_addmm(pattern, grad_out, W_dec.t(), beta=0.0).values()
+    if grad_out.device.type == "cpu":  # other dtypes: the kernel of embedding_bag's own backward
+        return torch.ops.aten._embedding_bag_per_sample_weights_backward(grad_out, W_dec, flat_indices, offsets, bag_of_entry, 0, -1)
     return (W_dec[flat_indices] * grad_out[bag_of_entry]).sum(-1)
 
 
@@ -318,7 +381,9 @@ def decode_dead(values: Tensor, indices: Tensor, dead_mask: Tensor, W_dec: Tenso
     latents) or with :func:`sparse_decode` (many). Plain autograd in the dense case.
     """
     dead = dead_mask.nonzero().squeeze(1)
-    if not aux_is_dense(dead.numel(), indices.shape[-1]):
+    if indices.stride(0) == 0 and torch.equal(indices[0], dead):  # topk_encode's dense block
+        return values.to(W_dec.dtype) @ TakeRows.apply(W_dec, dead)
+    if not aux_is_dense(dead.numel(), indices.shape[-1], W_dec.device):
         return sparse_decode([(values, indices)], W_dec)[0]
     # Column of each index among the dead latents: one gather from an inverse map (a binary
     # search per entry, torch.searchsorted, took ~6 % of a CPU step at 10 % dead latents).

@@ -1,5 +1,6 @@
 """The sparse TopK ops equal plain autograd: values, losses and every gradient."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -99,6 +100,22 @@ def test_sparse_encode_and_decode_equal_dense_autograd_in_values_loss_and_every_
 def test_both_auxk_branches_are_exercised_by_the_cases() -> None:
     branches = {aux_is_dense(int(dead.sum()), aux_k) for _, dead, aux_k in CASES if dead is not None}
     assert branches == {True, False}
+
+
+def test_dense_auxk_cases_mix_rows_that_need_a_top_k_and_rows_that_do_not() -> None:
+    """The gradient cases above cover both kinds of row of the dense AuxK block (more, or at
+    most, aux_k positive dead pre-activations; see sparse_ops._dead_block)."""
+    p = params()
+    pre = (p["x"] - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    crowded = [
+        bool(((pre[:, dead] > 0).sum(1) > aux_k).any()) for _, dead, aux_k in CASES
+        if dead is not None and aux_is_dense(int(dead.sum()), aux_k)
+    ]
+    uncrowded = [
+        bool(((pre[:, dead] > 0).sum(1) <= aux_k).any()) for _, dead, aux_k in CASES
+        if dead is not None and aux_is_dense(int(dead.sum()), aux_k)
+    ]
+    assert any(crowded) and any(uncrowded)
 
 
 def test_sparse_gradients_match_in_float32_too(backward_path) -> None:
@@ -201,3 +218,50 @@ def test_benchmark_quick_json_reports_every_ratio() -> None:
     result = json.loads(proc.stdout)
     for key in ("train_vs_saelens", "train_vs_floor", "harvest_vs_forward", "analysis_vs_encode", "analysis_memory_ratio"):
         assert result[key] > 0, key
+    # The sparsify peer: timed where it is installed, reported as skipped (null) where not.
+    assert (result["train_vs_sparsify"] is None) == (importlib.util.find_spec("sparsify") is None)
+    assert result["train_vs_sparsify"] is None or result["train_vs_sparsify"] > 0
+
+
+def test_dead_block_keeps_the_top_aux_k_after_relu_in_crowded_and_sparse_rows() -> None:
+    gen = torch.Generator().manual_seed(1)
+    dead_pre = torch.randn(64, 20, generator=gen, dtype=torch.float64)
+    dead_pre[::2] -= 1.5  # few positive entries: these rows skip the top-k
+    aux_k = 6
+    positives = (dead_pre > 0).sum(1)
+    assert (positives > aux_k).any() and (positives <= aux_k).any()  # both kinds of row
+    top = dead_pre.topk(aux_k, dim=-1)
+    expected = torch.zeros_like(dead_pre).scatter_(1, top.indices, top.values.relu())
+    for crowded_rows_only in (True, False):  # CPU's choice and the GPU's (every row through topk)
+        block = sparse_ops._dead_block(dead_pre.clone(), aux_k, crowded_rows_only)
+        torch.testing.assert_close(block, expected, rtol=0, atol=0)
+    torch.testing.assert_close(sparse_ops._dead_block(dead_pre.clone(), 20), dead_pre.relu(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_code_gradient_of_sparse_decode_matches_a_gather_in_every_cpu_dtype(dtype) -> None:
+    """The CPU code gradient (a sampled product for float32/64, embedding_bag's kernel for
+    other dtypes) against gathered rows."""
+    gen = torch.Generator().manual_seed(2)
+    W_dec = torch.randn(D_SAE, D_IN, generator=gen).to(dtype).requires_grad_()
+    values = torch.rand(N, 3, generator=gen).to(dtype).requires_grad_()
+    indices = torch.stack([torch.randperm(D_SAE, generator=gen)[:3] for _ in range(N)])
+    grad_out = torch.randn(N, D_IN, generator=gen).to(dtype)
+    (out,) = sparse_decode([(values, indices)], W_dec)
+    (grad_values,) = torch.autograd.grad(out, values, grad_out)
+    expected = (W_dec.detach()[indices].float() * grad_out.float()[:, None]).sum(-1)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(grad_values.float(), expected, rtol=tol, atol=tol)
+
+
+def test_benchmark_train_only_refreshes_the_training_rows_and_keeps_the_rest(tmp_path) -> None:
+    from benchmarks import __main__ as bench
+
+    previous = json.loads((REPO / "benchmarks" / "results.json").read_text())
+    (tmp_path / "results.json").write_text(json.dumps(previous))
+    out = bench.refresh_train_rows(bench.SMOKE, "cpu", tmp_path / "results.md", "python -m benchmarks --train-only")
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["harvest"] == previous["harvest"] and written["analysis"] == previous["analysis"]
+    assert written["train"]["R8"]["d_sae"] == 8 * bench.SMOKE.d_in != previous["train"]["R8"]["d_sae"]
+    assert written["ratios"] == out["ratios"]
+    assert "harvest and analysis from the previous full run" in (tmp_path / "results.md").read_text()
