@@ -18,7 +18,7 @@ from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.data import TokenSplits, tensor_sha256
 from mlsae_lens.run_dir import resolve_output_dir
 from mlsae_lens.training import MultiLayerSAETrainingRunner
-from tiny import EosTokenizer, tiny_token_splits, tiny_transformer
+from tiny import EosTokenizer, crash_runner_at, tiny_token_splits, tiny_transformer
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +48,7 @@ def config(out: Path | None, **overrides) -> MultiLayerRunnerConfig:
 def run(cfg, model, splits=None, crash_at_step: int | None = None) -> MultiLayerSAETrainingRunner:
     runner = MultiLayerSAETrainingRunner(cfg, model=model, splits=splits or hashed_splits())
     if crash_at_step is not None:
-        original = runner.step
-
-        def step(batch):
-            if runner.state.step == crash_at_step:
-                raise RuntimeError("simulated crash")
-            return original(batch)
-
-        runner.step = step  # type: ignore[method-assign]
+        crash_runner_at(runner, crash_at_step)
         with pytest.raises(RuntimeError, match="simulated crash"):
             runner.run()
         return runner

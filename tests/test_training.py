@@ -12,7 +12,7 @@ from mlsae_lens import MLSAEError
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.data import TokenSplits
 from mlsae_lens.training import MultiLayerSAETrainingRunner
-from tiny import EosTokenizer, tiny_token_splits, tiny_transformer
+from tiny import EosTokenizer, crash_runner_at, tiny_token_splits, tiny_transformer
 
 EOS = 0
 
@@ -44,14 +44,7 @@ def with_tokenizer(tiny_model: HookedTransformer):
 def train(cfg, model, splits, crash_at_step: int | None = None) -> MultiLayerSAETrainingRunner:
     runner = MultiLayerSAETrainingRunner(cfg, model=model, splits=splits)
     if crash_at_step is not None:
-        original = runner.step
-
-        def step(batch):
-            if runner.state.step == crash_at_step:
-                raise RuntimeError("simulated crash")
-            return original(batch)
-
-        runner.step = step  # type: ignore[method-assign]
+        crash_runner_at(runner, crash_at_step)
     runner.run()
     return runner
 

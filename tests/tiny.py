@@ -40,3 +40,16 @@ def tiny_token_splits() -> TokenSplits:
     tokens = torch.randint(1, 64, (40, 16), generator=torch.Generator().manual_seed(1))
     tokens[:, 7] = EOS  # a document separator in every context
     return TokenSplits(train=tokens[:32], test=tokens[32:], provenance={"source": "random"})
+
+
+def crash_runner_at(runner, step: int) -> None:
+    """Make ``runner`` raise ``RuntimeError("simulated crash")`` when it reaches ``step``, as a
+    crash between checkpoints would (the runner's ``step`` is patched on this instance only)."""
+    original = runner.step
+
+    def crashing_step(batch):
+        if runner.state.step == step:
+            raise RuntimeError("simulated crash")
+        return original(batch)
+
+    runner.step = crashing_step
