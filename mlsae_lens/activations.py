@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+
 from mlsae_lens.errors import MLSAEError
+from mlsae_lens.progress import progress_bar
 
 
 def resid_post_hook_names(n_layers: int) -> list[str]:
@@ -183,7 +184,7 @@ def estimate_layer_means(
     tokens of ``tokens`` (float64 accumulation): the ``center`` normalization's shift."""
     total = None
     count = 0
-    with tqdm(total=n_tokens, desc="layer means", unit="tok", leave=False) as bar:
+    with progress_bar(total=n_tokens, desc="layer means", unit="tok", leave=False) as bar:
         for i in range(0, tokens.shape[0], model_batch_size):
             acts = harvest_resid_post(model, tokens[i : i + model_batch_size])
             check_finite(acts, "layer-mean estimation")

@@ -41,8 +41,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
-from mlsae_lens.models import LanguageModel
 
 from mlsae_lens.activation_samples import LatentContexts
 from mlsae_lens.activations import check_finite, harvest_resid_post, valid_token_vectors
@@ -58,7 +56,6 @@ from mlsae_lens.analysis.residual import ResidualNormResult, ResidualNormStats
 from mlsae_lens.checkpoint import atomic_write_json
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
-from mlsae_lens.memory import FLOAT_BYTES, resolve_model_batch_size
 from mlsae_lens.figures import (
     adjacent_cosine_figure,
     eval_metrics_figure,
@@ -70,6 +67,9 @@ from mlsae_lens.figures import (
     training_curve_figure,
     variance_ratio_figure,
 )
+from mlsae_lens.memory import FLOAT_BYTES, resolve_model_batch_size
+from mlsae_lens.models import LanguageModel
+from mlsae_lens.progress import progress_bar
 from mlsae_lens.report import ReportSection, table_html, write_report
 from mlsae_lens.sae import MultiLayerMixin
 from mlsae_lens.topk_contexts import valid_token_positions
@@ -340,7 +340,7 @@ def _latent_pass(run: _Run, stats: AnalysisStats, batch_size: int, path: Path, e
     target = progress["tokens_target"]
     done = stats.layer.n_tokens
     saver = _Saver(stats, path, every, done)
-    with tqdm(total=target, initial=done, desc="latents + norms", unit="tok") as bar:
+    with progress_bar(total=target, initial=done, desc="latents + norms", unit="tok") as bar:
         first_context = progress["next_context"]
         for next_context, vectors in _test_vectors(
             run, batch_size, progress["next_context"], target - done
@@ -372,7 +372,7 @@ def _centered_pass(
     # Tokens read by this pass (the residual statistics may skip some: --skip-first-position).
     done = progress.get("centered_seen", stats.resid.n_tokens_centered)
     saver = _Saver(stats, path, every, done)
-    with tqdm(total=target, initial=done, desc="centered norms", unit="tok") as bar:
+    with progress_bar(total=target, initial=done, desc="centered norms", unit="tok") as bar:
         first_context = progress["next_context"]
         for next_context, vectors in _test_vectors(
             run, batch_size, progress["next_context"], target - done

@@ -31,14 +31,14 @@ from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from torch import Tensor
-from tqdm.auto import tqdm
-from mlsae_lens.models import LanguageModel
 
 from mlsae_lens.activations import ActivationStream, ActivationStreamConfig
 from mlsae_lens.checkpoint import atomic_save_sae, atomic_write_json
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
+from mlsae_lens.models import LanguageModel
 from mlsae_lens.normalization import normalize
+from mlsae_lens.progress import progress_bar
 from mlsae_lens.sae import MultiLayerMixin, TopKOutput
 from mlsae_lens.sae_files import check_sae_dir, read_cfg
 
@@ -132,7 +132,7 @@ class PerLayerSAEs:
 
 
 def per_layer_batches(
-    stream: ActivationStream, sae: MultiLayerMixin, layers: Sequence[int], bar: tqdm | None = None
+    stream: ActivationStream, sae: MultiLayerMixin, layers: Sequence[int], bar: progress_bar | None = None
 ) -> Iterator[dict[str, Tensor]]:
     """SAELens' multi-hook data provider: each harvested batch, normalized by the MLSAE's own
     normalization, sliced into one ``[batch, d_in]`` tensor per layer (``bar`` counts tokens:
@@ -251,7 +251,7 @@ def train_saelens_per_layer(
         feature_sampling_window=max(1, steps),
         logger=LoggingConfig(log_to_wandb=False),
     )
-    bar = tqdm(total=trainer_cfg.total_training_samples, desc="per-layer SAEs", unit="tok")
+    bar = progress_bar(total=trainer_cfg.total_training_samples, desc="per-layer SAEs", unit="tok")
     trainer = MultiSAETrainer(
         trainer_cfg,
         saes,  # type: ignore[arg-type]

@@ -11,14 +11,11 @@ import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from pathlib import Path
-
-from tqdm.auto import tqdm
-from mlsae_lens.models import LanguageModel
 
 from mlsae_lens.activations import (
     check_finite,
@@ -27,8 +24,10 @@ from mlsae_lens.activations import (
     valid_token_vectors,
 )
 from mlsae_lens.errors import MLSAEError
-from mlsae_lens.normalization import renormalize
 from mlsae_lens.memory import FLOAT_BYTES, resolve_model_batch_size
+from mlsae_lens.models import LanguageModel
+from mlsae_lens.normalization import renormalize
+from mlsae_lens.progress import progress_bar
 from mlsae_lens.sae import MultiLayerMixin, TopKOutput
 
 logger = logging.getLogger(__name__)
@@ -144,7 +143,7 @@ def evaluate_reconstruction(
     cfg = sae.cfg
     stats = ReconstructionStats(cfg.n_layers, cfg.d_in, cfg.d_sae, with_pca)
     total = min(max_tokens or int((~special_mask).sum()), int((~special_mask).sum()))
-    with tqdm(total=total, desc="evaluating", unit="tok", leave=False) as bar:
+    with progress_bar(total=total, desc="evaluating", unit="tok", leave=False) as bar:
         for i in range(0, tokens.shape[0], model_batch_size):
             acts = harvest_resid_post(model, tokens[i : i + model_batch_size])
             check_finite(acts, "evaluation")
@@ -445,7 +444,7 @@ def evaluate_methods(
     raw_sum = torch.zeros(cfg.n_layers, cfg.d_in, dtype=torch.float64)
     available = int((~special_mask).sum())
     n_tokens = min(n_tokens, available)
-    with tqdm(total=n_tokens, desc="eval: reconstruction", unit="tok") as bar:
+    with progress_bar(total=n_tokens, desc="eval: reconstruction", unit="tok") as bar:
         for ctx, mask, keep in _context_batches(tokens, special_mask, n_tokens, batch_size):
             acts = harvest_resid_post(model, ctx)
             check_finite(acts, "evaluation")
@@ -481,7 +480,7 @@ def evaluate_methods(
     names = [m.name for m in methods] + [ZERO_ABLATION, MEAN_ABLATION]
     down = DownstreamStats(names, len(layers))
     n_contexts = sum(1 for _ in _context_batches(tokens, special_mask, downstream_tokens, 1))
-    with tqdm(total=n_contexts * len(layers), desc="eval: downstream", unit="ctx·layer") as bar:
+    with progress_bar(total=n_contexts * len(layers), desc="eval: downstream", unit="ctx·layer") as bar:
         for ctx, mask, _ in _context_batches(tokens, special_mask, downstream_tokens, batch_size):
             logits, acts = clean_run(model, ctx)
             check_finite(acts, "evaluation")

@@ -36,8 +36,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
-from mlsae_lens.models import LanguageModel
 from tuned_lens import TunedLens
 from tuned_lens.nn import Unembed
 from tuned_lens.nn.lenses import TunedLensConfig
@@ -46,6 +44,8 @@ from mlsae_lens.activations import harvest_hooks, resid_post_hook_names
 from mlsae_lens.atomic import atomic_write_json, staging_dir
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.memory import resolve_model_batch_size
+from mlsae_lens.models import LanguageModel
+from mlsae_lens.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def hidden_state_pool(
     first contexts (enough of them for ``max_tokens``)."""
     pool: list[Tensor] = []
     count = 0
-    with tqdm(total=max_tokens, desc=desc, unit="tok") as bar:
+    with progress_bar(total=max_tokens, desc=desc, unit="tok") as bar:
         for start in range(0, contexts.shape[0], batch_size):
             ctx = contexts[start : start + batch_size]
             hidden = harvest_hidden_states(model, ctx)[~special_mask[start : start + batch_size].to(model.cfg.device)]
@@ -358,7 +358,7 @@ def train_lens(lens: TunedLens, pool: Tensor, cfg: LensTrainingConfig) -> list[d
     device = params[0].device
     n_translators = len(lens.layer_translators)
     log: list[dict[str, float]] = []
-    with tqdm(range(cfg.steps), desc="train-lens", unit="step") as bar:
+    with progress_bar(range(cfg.steps), desc="train-lens", unit="step") as bar:
         for step in bar:
             rows = torch.randint(pool.shape[0], (cfg.tokens_per_step,), generator=gen)
             hidden = pool[rows].to(device)

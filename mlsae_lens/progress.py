@@ -100,3 +100,47 @@ def watch_harvest(stream: Any, progress: TrainingProgress, stop_requested: Calla
         yield
     finally:
         vars(stream).pop("harvest_group", None)  # the class's method again
+
+
+class progress_bar(tqdm):  # noqa: N801 - used like tqdm, which it is
+    """``tqdm`` on a terminal; elsewhere (a log file, a pipe) plain log lines instead of its
+    carriage returns and cursor movements: one at most every ``log_interval_s`` seconds and one
+    when it closes. Every long loop outside training (eval, analyze, baselines, lenses) uses it."""
+
+    def __init__(self, *args: Any, log_interval_s: float = 30.0, **kwargs: Any):
+        kwargs.setdefault("disable", None)  # None: tqdm turns itself off when not on a terminal
+        super().__init__(*args, **kwargs)
+        self.plain = bool(self.disable)
+        self.log_interval_s = log_interval_s
+        self.label, self.unit_name = kwargs.get("desc") or "progress", kwargs.get("unit", "it")
+        self.count = self.first = kwargs.get("initial", 0) or 0
+        self.started = self.last_line = time.perf_counter()
+        self.logged_close = False
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self.plain:
+            yield from super().__iter__()
+            return
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n: float | None = 1) -> bool | None:
+        if self.plain:
+            self.count += n or 0
+            if time.perf_counter() - self.last_line >= self.log_interval_s:
+                self.log_line()
+        return super().update(n)
+
+    def close(self) -> None:
+        if getattr(self, "plain", False) and not self.logged_close and self.count > self.first:
+            self.logged_close = True
+            self.log_line()
+        super().close()
+
+    def log_line(self) -> None:
+        self.last_line = time.perf_counter()
+        rate = (self.count - self.first) / max(1e-9, self.last_line - self.started)
+        total = f"/{self.total:g}" if self.total else ""
+        logging.getLogger("mlsae_lens").info("%s: %g%s %s, %.1f %s/s", self.label, self.count, total,
+                                             self.unit_name, rate, self.unit_name)

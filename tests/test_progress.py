@@ -5,17 +5,19 @@ import io
 import logging
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_crash_resume import BATCH, tiny_config, tiny_model, tiny_splits
 
 from mlsae_lens import activations
 from mlsae_lens.checkpoint import list_checkpoints
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.progress import TrainingProgress
 from mlsae_lens.training import MultiLayerSAETrainingRunner
-from test_crash_resume import BATCH, tiny_config, tiny_model, tiny_splits
 
 
 class Terminal(io.StringIO):
@@ -83,3 +85,17 @@ def test_a_signal_during_a_harvest_stops_before_the_next_model_forward_and_resum
     MultiLayerSAETrainingRunner(tiny_config(tmp_path / "full"), model=tiny_model(), splits=tiny_splits()).run()
     a, b = load_file(out / "sae_weights.safetensors"), load_file(tmp_path / "full" / "sae_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_progress_bar_writes_plain_log_lines_when_not_a_terminal(tmp_path):
+    """Off a terminal, no carriage returns or escape codes reach the log: plain lines instead."""
+    code = (
+        "import logging; logging.basicConfig(level=logging.INFO)\n"
+        "from mlsae_lens.progress import progress_bar\n"
+        "with progress_bar(total=10, desc='eval: downstream', unit='ctx', log_interval_s=0.0) as bar:\n"
+        "    for _ in range(10): bar.update(1)\n"
+        "for _ in progress_bar(range(3), desc='train-lens', unit='step', leave=False): pass\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "\r" not in out.stderr and "\x1b" not in out.stderr
+    assert "eval: downstream: 10/10 ctx" in out.stderr and "train-lens: 3/3 step" in out.stderr
