@@ -25,6 +25,15 @@ def runner(out: Path, cache: Path | None = None, **overrides) -> MultiLayerSAETr
     return MultiLayerSAETrainingRunner(cfg, model=tiny_model(), splits=tiny_splits())
 
 
+
+def assert_same_weights(run_a: Path, run_b: Path) -> None:
+    """The final SAEs of two runs agree (a cached stream trains what the live one does)."""
+    a = load_file(run_a / "sae_weights.safetensors")
+    b = load_file(run_b / "sae_weights.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+
+
 def test_the_cache_yields_the_live_streams_batches_and_trains_the_same_sae(tmp_path, cache_dir) -> None:
     live, cached = runner(tmp_path / "live"), runner(tmp_path / "cached", cache_dir)
     assert isinstance(cached.stream, CachedActivationStream)
@@ -33,10 +42,7 @@ def test_the_cache_yields_the_live_streams_batches_and_trains_the_same_sae(tmp_p
                                    rtol=1e-6, atol=1e-6)
     live.run()
     cached.run()
-    a = load_file(tmp_path / "live" / "sae_weights.safetensors")
-    b = load_file(tmp_path / "cached" / "sae_weights.safetensors")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert_same_weights(tmp_path / "live", tmp_path / "cached")
     manifest = json.loads((cache_dir / MANIFEST).read_text())
     assert manifest["normalization"].startswith("raw") and len(manifest["shards"]) == 4
     assert sum(s["rows"] for s in manifest["shards"]) == int((tiny_splits().train != 0).sum())
@@ -145,10 +151,7 @@ def test_the_cache_holds_only_what_its_token_budget_reads_and_says_its_size_firs
     cached = budget_runner(tmp_path / "cached", budget, cache)
     live.run()
     cached.run()
-    a = load_file(tmp_path / "live" / "sae_weights.safetensors")
-    b = load_file(tmp_path / "cached" / "sae_weights.safetensors")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    assert_same_weights(tmp_path / "live", tmp_path / "cached")
     with pytest.raises(MLSAEError, match=f"holds {len(held)} of the .* this run needs .* --training-tokens 600"):
         budget_runner(tmp_path / "more", 600, cache)
 
