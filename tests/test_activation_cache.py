@@ -25,7 +25,6 @@ def runner(out: Path, cache: Path | None = None, **overrides) -> MultiLayerSAETr
     return MultiLayerSAETrainingRunner(cfg, model=tiny_model(), splits=tiny_splits())
 
 
-
 def assert_same_weights(run_a: Path, run_b: Path) -> None:
     """The final SAEs of two runs agree (a cached stream trains what the live one does)."""
     a = load_file(run_a / "sae_weights.safetensors")
