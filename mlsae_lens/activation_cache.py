@@ -8,7 +8,7 @@ budget asks for more than one pass) and writes ``DIR/train/shard_NNNNN.safetenso
 ``DIR/manifest.json`` (model, sizes, corpus settings, a sha256 of the training tokens, and
 per shard its context ids, size and sha256). It says the size before writing and refuses
 when the disk lacks the room. ``--activation-cache DIR`` then trains from it
-through :class:`CachedActivationStream`, which yields exactly the batches the live stream
+through :class:`ActivationCache`, read by the activations store, which yields exactly the batches the live stream
 would (same context order and shuffle), so ``--resume`` works unchanged.
 
 Only JSON and safetensors are read; a shard whose checksum or size is wrong, a manifest
@@ -26,13 +26,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from mlsae_lens.activations import (
-    ActivationStream,
-    ActivationStreamConfig,
-    check_finite,
-    harvest_resid_post,
-    valid_token_vectors,
-)
+from mlsae_lens.activations import check_finite, harvest_resid_post, valid_token_vectors
 from mlsae_lens.checkpoint import atomic_save_file, atomic_write_json, check_not_pickle
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.memory import resolve_model_batch_size
@@ -67,17 +61,17 @@ def safe_member(root: Path, name: str) -> Path:
     return root / name
 
 
-def contexts_for_budget(stream: ActivationStream, training_tokens: int) -> list[int]:
-    """The contexts a run of ``training_tokens`` reads, in the order ``stream`` visits them:
-    whole chunks until their full batches cover the budget (every context after one pass)."""
-    n_valid = (~stream.special_mask).sum(1)
-    bs, per_chunk = stream.cfg.batch_size_tokens, stream.cfg.contexts_per_chunk
+def contexts_for_budget(order: Tensor, n_valid: Tensor, contexts_per_chunk: int, batch_size_tokens: int,
+                        training_tokens: int) -> list[int]:
+    """The contexts a run of ``training_tokens`` reads, in the order the store visits them
+    (``order``, :func:`mlsae_lens.activations_store.context_order`): whole chunks until their full
+    batches cover the budget (every context after one pass). ``n_valid``: valid tokens per context."""
     needed: list[int] = []
     trained = 0
-    for chunk in range(stream.n_chunks):
-        ids = stream.context_order[chunk * per_chunk : (chunk + 1) * per_chunk]
+    for start in range(0, order.shape[0], contexts_per_chunk):
+        ids = order[start : start + contexts_per_chunk]
         needed.extend(ids.tolist())
-        trained += int(n_valid[ids].sum()) // bs * bs
+        trained += int(n_valid[ids].sum()) // batch_size_tokens * batch_size_tokens
         if trained >= training_tokens:
             break
     return needed
@@ -108,9 +102,10 @@ def write_activation_cache(
     contexts_per_shard: int = 256,
 ) -> Path:
     """Harvest the training split of ``cfg`` (a :class:`MultiLayerRunnerConfig`) into ``output``."""
+    from mlsae_lens.activations_store import context_order
     from mlsae_lens.data import special_token_mask
     from mlsae_lens.models import load_model
-    from mlsae_lens.training import resolve_device
+    from mlsae_lens.sources import resolve_device
 
     output = Path(output)
     if (output / MANIFEST).exists():
@@ -123,9 +118,8 @@ def write_activation_cache(
     model = model if model is not None else load_model(cfg.model_name, device=device, backend=cfg.model_backend)
     splits = splits if splits is not None else cfg.load_token_splits(model.tokenizer)
     tokens, mask = splits.train, special_token_mask(splits.train, model.tokenizer)
-    stream_cfg = ActivationStreamConfig(contexts_per_chunk=cfg.contexts_per_chunk,
-                                        batch_size_tokens=cfg.batch_size_tokens, seed=cfg.seed)
-    contexts = contexts_for_budget(ActivationStream(model, tokens, mask, stream_cfg), cfg.training_tokens)
+    contexts = contexts_for_budget(context_order(tokens.shape[0], cfg.seed), (~mask).sum(1),
+                                   cfg.contexts_per_chunk, cfg.batch_size_tokens, cfg.training_tokens)
     rows = int((~mask[contexts]).sum())
     # float32 activations of every layer, plus two int64 positions per row.
     n_bytes = rows * (model.cfg.n_layers * model.cfg.d_model * 4 + 16)
@@ -172,49 +166,43 @@ def write_activation_cache(
     return output
 
 
-class CachedActivationStream(ActivationStream):
-    """:class:`ActivationStream` that reads each context's activations from a cache.
+class ActivationCache:
+    """Reads each training context's valid-token activations from a cache directory written by
+    :func:`write_activation_cache` (every shard's sha256 checked the first time it is read)."""
 
-    Args:
-        cache_dir: a directory written by :func:`write_activation_cache`.
-        tokens, special_mask, cfg, device: as for :class:`ActivationStream`; ``tokens`` must
-            be the split the cache was harvested from (checked by hash).
-        expected: run settings (``MATCHED_FIELDS``, ``d_model``, ``n_layers``) to check.
-    """
-
-    def __init__(self, cache_dir: Path, tokens: Tensor, special_mask: Tensor, cfg: ActivationStreamConfig,
-                 device: str = "cpu", expected: dict[str, Any] | None = None):
-        super().__init__(None, tokens, special_mask, cfg, device)  # type: ignore[arg-type]
-        self.root = Path(cache_dir)
+    def __init__(self, root: Path):
+        self.root = Path(root)
         self.manifest = read_manifest(self.root)
-        mismatched = mismatches(self.manifest, expected or {})
-        if self.manifest.get("train_tokens_sha256") != tokens_sha256(tokens):
-            mismatched.append("the training tokens (sha256)")
-        refuse_mismatches(self.root, mismatched)
         self.shards = self.manifest["shards"]
         # context id -> (shard, its place in the shard)
         self.where = {c: (shard, i) for shard in self.shards for i, c in enumerate(shard_context_ids(shard))}
         self.verified: set[str] = set()
 
-    @classmethod
-    def for_run(cls, run_cfg: Any, model: Any, tokens: Tensor, special_mask: Tensor,
-                cfg: ActivationStreamConfig, device: str) -> "CachedActivationStream":
+    def check_run(self, run_cfg: Any, model_cfg: Any, tokens: Tensor, special_mask: Tensor) -> None:
+        """Refuse a cache written for another model, corpus or a smaller budget than ``run_cfg``'s
+        (an ``mlsae-lens train`` config) on the training split ``tokens``."""
+        from mlsae_lens.activations_store import context_order
+
         expected = {key: getattr(run_cfg, key) for key in MATCHED_FIELDS}
-        expected.update(d_model=model.cfg.d_model, n_layers=model.cfg.n_layers)
-        stream = cls(Path(run_cfg.activation_cache), tokens, special_mask, cfg, device, expected)
-        missing = set(contexts_for_budget(stream, run_cfg.training_tokens)) - stream.where.keys()
+        expected.update(d_model=model_cfg.d_model, n_layers=model_cfg.n_layers)
+        mismatched = mismatches(self.manifest, expected)
+        if self.manifest.get("train_tokens_sha256") != tokens_sha256(tokens):
+            mismatched.append("the training tokens (sha256)")
+        refuse_mismatches(self.root, mismatched)
+        needed = contexts_for_budget(context_order(tokens.shape[0], run_cfg.seed), (~special_mask).sum(1),
+                                     run_cfg.contexts_per_chunk, run_cfg.batch_size_tokens, run_cfg.training_tokens)
+        missing = set(needed) - self.where.keys()
         if missing:
-            m = stream.manifest
+            m = self.manifest
             raise MLSAEError(
-                f"the activation cache {stream.root} holds {len(stream.where)} of the {tokens.shape[0]} training "
+                f"the activation cache {self.root} holds {len(self.where)} of the {tokens.shape[0]} training "
                 f"contexts, harvested for --training-tokens {m.get('training_tokens')} --contexts-per-chunk "
                 f"{m.get('contexts_per_chunk')} --batch-size-tokens {m.get('batch_size_tokens')}; this run needs "
                 f"{len(missing)} more: write a cache with this run's --training-tokens {run_cfg.training_tokens} "
-                f"--contexts-per-chunk {cfg.contexts_per_chunk} --batch-size-tokens {cfg.batch_size_tokens}")
-        return stream
+                f"--contexts-per-chunk {run_cfg.contexts_per_chunk} --batch-size-tokens {run_cfg.batch_size_tokens}")
 
     def shard_path(self, shard: dict[str, Any]) -> Path:
-        """The shard's file, its sha256 checked the first time this stream reads it."""
+        """The shard's file, its sha256 checked the first time this cache reads it."""
         path = safe_member(self.root, shard["file"])
         if shard["file"] not in self.verified:
             if not path.is_file() or path.stat().st_size != shard["bytes"]:
@@ -234,9 +222,6 @@ class CachedActivationStream(ActivationStream):
         with safe_open(self.shard_path(shard), framework="pt") as f:
             start, stop = f.get_slice("row_offsets")[local : local + 2].tolist()
             return f.get_slice("acts")[start:stop]
-
-    def harvest_group(self, group: int, contexts: Tensor, chunk: int) -> Tensor:  # noqa: ARG002
-        return torch.cat([self.context_rows(int(c)) for c in contexts]).to(self.device)
 
 
 def mismatches(manifest: dict[str, Any], expected: dict[str, Any]) -> list[str]:

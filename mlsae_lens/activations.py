@@ -10,8 +10,6 @@ The stream is deterministic given ``(seed, chunk index)``, which is what makes
 chunk it stopped in and skips the batches it already used.
 """
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -90,86 +88,6 @@ def check_finite(acts: Tensor, where: str) -> None:
 def valid_token_vectors(acts: Tensor, special_mask: Tensor) -> Tensor:
     """Drop special-token positions: ``[batch, pos, L, d]`` → ``[n_valid, L, d]``."""
     return acts[~special_mask.to(acts.device)]
-
-
-@dataclass
-class ActivationStreamConfig:
-    contexts_per_chunk: int = 32
-    """Contexts harvested per forward chunk; their tokens are shuffled together."""
-    batch_size_tokens: int = 128
-    """Tokens per SAE batch (each brings n_layers vectors)."""
-    model_batch_size: int = 8
-    """Contexts per model forward pass."""
-    seed: int = 0
-
-
-class ActivationStream:
-    """Shuffled batches ``[batch_size_tokens, n_layers, d_model]`` from a token tensor.
-
-    Contexts are visited in a seeded permutation, ``contexts_per_chunk`` at a time; the
-    valid tokens of a chunk are shuffled with a generator seeded by (seed, chunk) and cut
-    into batches (the ragged remainder of a chunk is dropped). Position = (chunk, batch).
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        tokens: Tensor,
-        special_mask: Tensor,
-        cfg: ActivationStreamConfig,
-        device: str = "cpu",
-    ):
-        if tokens.shape[0] == 0:
-            raise MLSAEError("the training split has no contexts; use a larger corpus")
-        self.model = model
-        self.tokens = tokens
-        self.special_mask = special_mask
-        self.cfg = cfg
-        self.device = device
-        order_gen = torch.Generator().manual_seed(cfg.seed)
-        self.context_order = torch.randperm(tokens.shape[0], generator=order_gen)
-
-    @property
-    def n_chunks(self) -> int:
-        return -(-self.tokens.shape[0] // self.cfg.contexts_per_chunk)
-
-    def harvest_chunk(self, chunk: int) -> Tensor:
-        """Valid-token vectors of one chunk, shuffled deterministically."""
-        chunk = chunk % self.n_chunks  # epochs wrap around
-        start = chunk * self.cfg.contexts_per_chunk
-        ids = self.context_order[start : start + self.cfg.contexts_per_chunk]
-        mbs = self.cfg.model_batch_size
-        parts = [self.harvest_group(g, ids[i : i + mbs], chunk) for g, i in enumerate(range(0, len(ids), mbs))]
-        vectors = torch.cat(parts)
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + chunk)
-        return vectors[torch.randperm(vectors.shape[0], generator=gen).to(vectors.device)]
-
-    def harvest_group(self, group: int, contexts: Tensor, chunk: int) -> Tensor:  # noqa: ARG002
-        """Valid-token vectors of one model forward pass (the unit a distributed stream
-        deals out to ranks)."""
-        acts = harvest_resid_post(self.model, self.tokens[contexts])
-        check_finite(acts, f"chunk {chunk}")
-        return valid_token_vectors(acts, self.special_mask[contexts]).to(self.device)
-
-    def batches(self, start_chunk: int = 0, start_batch: int = 0) -> Iterator[tuple[int, int, Tensor]]:
-        """Yield ``(chunk, batch_in_chunk, batch)`` forever, from a saved position on."""
-        chunk = start_chunk
-        skip = start_batch
-        bs = self.cfg.batch_size_tokens
-        empty_chunks = 0
-        while True:
-            vectors = self.harvest_chunk(chunk)
-            n_batches = vectors.shape[0] // bs
-            empty_chunks = empty_chunks + 1 if n_batches == 0 else 0
-            if empty_chunks >= self.n_chunks:
-                raise MLSAEError(
-                    f"no chunk holds a full batch of {bs} tokens; lower --batch-size-tokens "
-                    "or raise --contexts-per-chunk"
-                )
-            for b in range(skip, n_batches):
-                yield chunk, b, vectors[b * bs : (b + 1) * bs]
-            skip = 0
-            chunk += 1
 
 
 @torch.inference_mode()

@@ -32,7 +32,6 @@ from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.multi_sae_trainer import MultiSAETrainer
 from torch import Tensor
 
-from mlsae_lens.activations import ActivationStream, ActivationStreamConfig
 from mlsae_lens.checkpoint import atomic_save_sae, atomic_write_json
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
@@ -132,13 +131,13 @@ class PerLayerSAEs:
 
 
 def per_layer_batches(
-    stream: ActivationStream, sae: MultiLayerMixin, layers: Sequence[int], bar: progress_bar | None = None
+    store: Iterator[Tensor], sae: MultiLayerMixin, layers: Sequence[int], bar: progress_bar | None = None
 ) -> Iterator[dict[str, Tensor]]:
     """SAELens' multi-hook data provider: each harvested batch, normalized by the MLSAE's own
     normalization, sliced into one ``[batch, d_in]`` tensor per layer (``bar`` counts tokens:
     SAELens' own bar only moves every 100 steps)."""
     means = model_basis_layer_means(sae)
-    for _, _, batch in stream.batches():
+    for batch in store:
         # The model's own basis, even for a tuned-lens MLSAE: a per-layer SAE is what a user
         # would train instead, and an affine lens in front of one layer's SAE adds nothing.
         x_norm, _ = normalize(batch.to(sae.dtype), sae.cfg.normalization, means)
@@ -206,18 +205,9 @@ def train_saelens_per_layer(
     tokens = training_tokens or cfg.training_tokens
     if tokens <= 0:
         raise MLSAEError(f"--baseline-training-tokens must be positive, got {tokens}")
-    stream = ActivationStream(
-        model,
-        train_tokens,
-        train_special_mask,
-        ActivationStreamConfig(
-            contexts_per_chunk=cfg.contexts_per_chunk,
-            batch_size_tokens=cfg.batch_size_tokens,
-            model_batch_size=cfg.model_batch_size,
-            seed=cfg.seed,
-        ),
-        device=device,
-    )
+    from mlsae_lens.run_training import activations_store_for_run
+
+    store = activations_store_for_run(cfg, model, train_tokens, device)
     scfg = sae.cfg
     torch.manual_seed(cfg.seed)
     saes = {
@@ -256,7 +246,7 @@ def train_saelens_per_layer(
         trainer_cfg,
         saes,  # type: ignore[arg-type]
         {name: hook_name(int(name.split("_")[1])) for name in saes},
-        per_layer_batches(stream, sae, layers, bar),
+        per_layer_batches(store, sae, layers, bar),
     )
     logger.info(
         "training %d SAELens TopK SAEs (d_sae=%d, k=%d) on %d tokens each",

@@ -48,15 +48,15 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], plain: dict) -> dic
 
 
 def write_checkpoint(
-    run_dir: Path,
+    root: Path,
     name: str,
     sae: Any,
     tensors: dict[str, torch.Tensor],
     plain: dict[str, Any],
     keep: int = 2,
 ) -> Path:
-    """Write ``run_dir/checkpoints/<name>`` atomically and keep the newest ``keep``."""
-    root = Path(run_dir) / CHECKPOINT_DIR
+    """Write ``root/<name>`` (a run's ``checkpoints/``) atomically and keep the newest ``keep``."""
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / name
     with staging_dir(root, ".tmp-") as tmp:
@@ -67,7 +67,7 @@ def write_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    for old in checkpoints_in(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -87,8 +87,13 @@ def atomic_save_sae(sae: Any, directory: Path, inference: bool = True) -> None:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (names sort by token count)."""
-    root = Path(run_dir) / CHECKPOINT_DIR
+    """A run directory's complete checkpoints, oldest first (names sort by token count)."""
+    return checkpoints_in(Path(run_dir) / CHECKPOINT_DIR)
+
+
+def checkpoints_in(root: Path) -> list[Path]:
+    """The complete checkpoints in ``root``, oldest first."""
+    root = Path(root)
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -95,11 +95,11 @@ def config_from_args(args: argparse.Namespace) -> MultiLayerRunnerConfig:
 
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = config_from_args(args)
-    from mlsae_lens.training import MultiLayerSAETrainingRunner
+    from mlsae_lens.run_training import TrainingRun
 
-    runner = MultiLayerSAETrainingRunner(cfg)
-    runner.run()
-    logger.info("saved the MLSAE to %s (load it with sae_lens.SAE.load_from_disk)", runner.out)
+    run = TrainingRun(cfg)
+    run.run()
+    logger.info("saved the MLSAE to %s (load it with sae_lens.SAE.load_from_disk)", run.out)
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
@@ -140,7 +140,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     from mlsae_lens.analyze import AnalysisOptions, analyze_run
-    from mlsae_lens.training import resolve_device
+    from mlsae_lens.sources import resolve_device
 
     options = AnalysisOptions(
         tokens=args.tokens,
@@ -178,7 +178,7 @@ def add_compare_parser(sub: Any) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from mlsae_lens.evals import EvalOptions, comparison_table, evaluate_run, format_table
-    from mlsae_lens.training import resolve_device
+    from mlsae_lens.sources import resolve_device
 
     options = EvalOptions(
         tokens=args.tokens,
@@ -227,7 +227,7 @@ def cmd_train_lens(args: argparse.Namespace) -> None:
     from mlsae_lens.data import load_token_splits
     from mlsae_lens.lens import LensTrainingConfig, format_lens_eval, train_lens_for_run
     from mlsae_lens.models import load_model
-    from mlsae_lens.training import resolve_device
+    from mlsae_lens.sources import resolve_device
 
     cfg = LensTrainingConfig(
         steps=args.steps, tokens_per_step=args.tokens_per_step, pool_tokens=args.pool_tokens,

@@ -14,7 +14,7 @@ one process with the same ``--batch-size-tokens``. Three things keep them exactl
   token count is the global batch size.
 * **the global batch is built identically on every rank**: the model forward passes of a
   chunk are dealt round-robin to the ranks and each result is broadcast from its owner
-  (:class:`ShardedActivationStream`), so every rank shuffles the same chunk.
+  (:meth:`MultiLayerActivationsStore.harvest_group`), so every rank shuffles the same chunk.
 
 Rank 0 alone writes checkpoints and the final SAE. Without ``torchrun`` (no ``WORLD_SIZE``)
 every helper is a no-op and training is the plain single-process loop.
@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mlsae_lens.activations import ActivationStream, check_finite, harvest_resid_post, valid_token_vectors
 from mlsae_lens.errors import MLSAEError
 
 logger = logging.getLogger(__name__)
@@ -126,28 +125,3 @@ def global_layer_variance(x: Tensor) -> Tensor:
     mean = stats[:-1].view(x.shape[1:]) / stats[-1]
     var = (x - mean).pow(2).sum(dim=(0, 2))
     return maybe_all_reduce_(var).clamp_min(1e-12)
-
-
-class ShardedActivationStream(ActivationStream):
-    """:class:`ActivationStream` whose model forward passes are dealt out to the ranks.
-
-    Forward batch ``g`` of a chunk runs on rank ``g % world_size`` and its valid-token
-    vectors are broadcast to all ranks (their count is known everywhere from the special-token
-    mask), so every rank holds the same chunk, shuffles it the same way, and yields the same
-    global batches as the single-process stream.
-    """
-
-    def harvest_group(self, group: int, contexts: Tensor, chunk: int) -> Tensor:
-        if not is_distributed():
-            return super().harvest_group(group, contexts, chunk)
-        owner = group % dist.get_world_size()
-        if dist.get_rank() == owner:
-            acts = harvest_resid_post(self.model, self.tokens[contexts])
-            check_finite(acts, f"chunk {chunk}")
-            part = valid_token_vectors(acts, self.special_mask[contexts]).to(self.device).contiguous()
-        else:
-            n_valid = int((~self.special_mask[contexts]).sum())
-            cfg = self.model.cfg
-            part = torch.empty(n_valid, cfg.n_layers, cfg.d_model, device=self.device)
-        dist.broadcast(part, src=owner)
-        return part

@@ -149,7 +149,7 @@ def check_model_sizes(cfg: MultiLayerRunnerConfig) -> None:
     # W_enc and W_dec, each with its gradient and two Adam moments, in float32: a lower bound of
     # what training holds, so a hopeless --expansion-factor fails now instead of at the allocation.
     from mlsae_lens.memory import available_memory_bytes
-    from mlsae_lens.training import resolve_device
+    from mlsae_lens.sources import resolve_device
 
     device = resolve_device(cfg.device)
     need, free = 2 * d_model * d_sae * 4 * 4, available_memory_bytes(device)

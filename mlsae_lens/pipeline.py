@@ -143,9 +143,9 @@ def run_demo(cfg: MultiLayerRunnerConfig, eval_tokens: int = 4096) -> Path:
     from mlsae_lens.analyze import AnalysisOptions, analyze_run, build_run_report
     from mlsae_lens.baselines import PCA
     from mlsae_lens.evals import EvalOptions, evaluate_run
-    from mlsae_lens.training import MultiLayerSAETrainingRunner
+    from mlsae_lens.run_training import TrainingRun
 
-    runner = MultiLayerSAETrainingRunner(cfg)
+    runner = TrainingRun(cfg)
     sae = runner.run()
     # Downstream metrics splice every layer: 30 partial forwards per batch and method on the
     # embedded model, so they read at most DEMO_DOWNSTREAM_TOKENS tokens to stay CPU-sized.

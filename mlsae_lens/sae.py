@@ -23,12 +23,18 @@ factorization), so they can be spliced into the model.
 """
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, NamedTuple
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from sae_lens import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig, register_sae_class, register_sae_training_class
+from sae_lens import (
+    SAE,
+    SAEConfig,
+    TrainingSAE,
+    TrainingSAEConfig,
+    register_sae_class,
+    register_sae_training_class,
+)
 from sae_lens.registry import SAE_CLASS_REGISTRY, SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepOutput
 from torch import Tensor, nn

@@ -214,6 +214,15 @@ def check_device(device: str) -> torch.device:
     return dev
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` where available, else ``cpu``; CUDA asked for where there is none is refused."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MLSAEError(f"--device {device} was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
 def hub_failure(name: str, err: Exception, requested: bool, reachable: bool) -> MLSAEError:
     """The one-line error for a model that could not be fetched from the hub."""
     if requested:

@@ -10,7 +10,7 @@ from test_crash_resume import tiny_config, tiny_model, tiny_splits
 
 from mlsae_lens import MLSAEError
 from mlsae_lens.activation_cache import MANIFEST, CachedActivationStream, write_activation_cache
-from mlsae_lens.training import MultiLayerSAETrainingRunner
+from mlsae_lens.run_training import TrainingRun
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +20,9 @@ def cache_dir(tmp_path_factory) -> Path:
                                   contexts_per_shard=10)
 
 
-def runner(out: Path, cache: Path | None = None, **overrides) -> MultiLayerSAETrainingRunner:
+def runner(out: Path, cache: Path | None = None, **overrides) -> TrainingRun:
     cfg = tiny_config(out, training_tokens=15 * 8, activation_cache=str(cache) if cache else None, **overrides)
-    return MultiLayerSAETrainingRunner(cfg, model=tiny_model(), splits=tiny_splits())
+    return TrainingRun(cfg, model=tiny_model(), splits=tiny_splits())
 
 
 def assert_same_weights(run_a: Path, run_b: Path) -> None:
@@ -37,7 +37,7 @@ def test_the_cache_yields_the_live_streams_batches_and_trains_the_same_sae(tmp_p
     live, cached = runner(tmp_path / "live"), runner(tmp_path / "cached", cache_dir)
     assert isinstance(cached.stream, CachedActivationStream)
     for chunk in (0, 3, 9):  # chunk 9 wraps to the second epoch
-        torch.testing.assert_close(cached.stream.harvest_chunk(chunk), live.stream.harvest_chunk(chunk),
+        torch.testing.assert_close(cached.activations_store.harvest_chunk(chunk), live.activations_store.harvest_chunk(chunk),
                                    rtol=1e-6, atol=1e-6)
     live.run()
     cached.run()
@@ -79,7 +79,7 @@ def test_a_cache_of_another_model_or_corpus_is_refused(tmp_path, cache_dir) -> N
     other = tiny_splits()
     other.train[0, 0] += 1  # another corpus under the same settings
     with pytest.raises(MLSAEError, match="does not match this run: the training tokens"):
-        MultiLayerSAETrainingRunner(tiny_config(tmp_path / "t", activation_cache=str(cache_dir)),
+        TrainingRun(tiny_config(tmp_path / "t", activation_cache=str(cache_dir)),
                                     model=tiny_model(), splits=other)
     with pytest.raises(MLSAEError, match="does not match this run: context_size"):
         runner(tmp_path / "b", cache_dir, context_size=12)
@@ -142,9 +142,9 @@ def test_the_cache_holds_only_what_its_token_budget_reads_and_says_its_size_firs
     assert acts_bytes <= sum(s["bytes"] for s in manifest["shards"]) < acts_bytes * 1.5 + 4096
 
     # A run within the budget trains from it like the live stream; a larger one is refused up front.
-    def budget_runner(out: Path, tokens: int, cache: Path | None = None) -> MultiLayerSAETrainingRunner:
+    def budget_runner(out: Path, tokens: int, cache: Path | None = None) -> TrainingRun:
         cfg = tiny_config(out, training_tokens=tokens, activation_cache=str(cache) if cache else None)
-        return MultiLayerSAETrainingRunner(cfg, model=tiny_model(), splits=tiny_splits())
+        return TrainingRun(cfg, model=tiny_model(), splits=tiny_splits())
 
     live = budget_runner(tmp_path / "live", budget)
     cached = budget_runner(tmp_path / "cached", budget, cache)

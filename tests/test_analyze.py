@@ -28,7 +28,7 @@ from mlsae_lens.evals import evaluate_reconstruction
 from mlsae_lens.pipeline import load_sae
 from mlsae_lens.sae import scatter_topk
 from mlsae_lens.topk_contexts import valid_token_positions
-from mlsae_lens.training import MultiLayerSAETrainingRunner
+from mlsae_lens.run_training import TrainingRun
 from tiny import tiny_token_splits, tiny_transformer
 
 EOS = 0
@@ -78,7 +78,7 @@ def trained_run(tmp_path_factory, tiny_model, tiny_splits) -> Path:
         log_every_steps=1,
         seed=3,
     )
-    MultiLayerSAETrainingRunner(cfg, model=tiny_model, splits=tiny_splits).run()
+    TrainingRun(cfg, model=tiny_model, splits=tiny_splits).run()
     return out
 
 

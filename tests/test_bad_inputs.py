@@ -181,9 +181,9 @@ def test_a_half_written_lock_is_stale_and_only_the_holder_releases_it(tmp_path) 
 def test_a_second_concurrent_training_run_gets_a_clear_message_and_writes_nothing(tmp_path) -> None:
     from test_crash_resume import tiny_config, tiny_model, tiny_splits
 
-    from mlsae_lens.training import MultiLayerSAETrainingRunner
+    from mlsae_lens.run_training import TrainingRun
 
-    runner = MultiLayerSAETrainingRunner(tiny_config(tmp_path), model=tiny_model(), splits=tiny_splits())
+    runner = TrainingRun(tiny_config(tmp_path), model=tiny_model(), splits=tiny_splits())
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename}))
     with pytest.raises(MLSAEError, match="another mlsae-lens run .* is writing into"):
         runner.run()
@@ -281,16 +281,16 @@ def test_the_cli_refuses_nan_weights_with_one_line_and_no_logging_traceback(tmp_
 def test_a_checkpoint_with_nan_weights_is_refused_on_resume(tmp_path) -> None:
     from test_crash_resume import tiny_config, tiny_model, tiny_splits
 
-    from mlsae_lens.training import MultiLayerSAETrainingRunner
+    from mlsae_lens.run_training import TrainingRun
 
-    runner = MultiLayerSAETrainingRunner(tiny_config(tmp_path), model=tiny_model(), splits=tiny_splits())
+    runner = TrainingRun(tiny_config(tmp_path), model=tiny_model(), splits=tiny_splits())
     runner.checkpoint()
     (path,) = list_checkpoints(tmp_path)
     (tmp_path / "run.json").write_text(json.dumps(runner.cfg.to_dict()))
     state = load_file(path / "sae_weights.safetensors")
     state["W_enc"][0, 0] = float("nan")
     save_file(state, path / "sae_weights.safetensors")
-    resumed = MultiLayerSAETrainingRunner(tiny_config(tmp_path, resume=True), model=tiny_model(), splits=tiny_splits())
+    resumed = TrainingRun(tiny_config(tmp_path, resume=True), model=tiny_model(), splits=tiny_splits())
     with pytest.raises(MLSAEError, match="tensor W_enc in .*tokens_000000000000/sae_weights.safetensors holds 1 NaN/inf"):
         resumed.run()
 

@@ -17,7 +17,7 @@ from transformer_lens import HookedTransformer
 from mlsae_lens.checkpoint import LOCK_FILE, list_checkpoints, read_checkpoint
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.data import TokenSplits
-from mlsae_lens.training import MultiLayerSAETrainingRunner
+from mlsae_lens.run_training import TrainingRun
 from tiny import EosTokenizer, tiny_token_splits, tiny_transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,17 +34,17 @@ torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from test_crash_resume import tiny_config, tiny_model, tiny_splits
 from mlsae_lens.errors import MLSAEError
-from mlsae_lens.training import MultiLayerSAETrainingRunner
+from mlsae_lens.run_training import TrainingRun
 
 out, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
-runner = MultiLayerSAETrainingRunner(tiny_config(out, **overrides), model=tiny_model(), splits=tiny_splits())
-step = runner.step
+runner = TrainingRun(tiny_config(out, **overrides), model=tiny_model(), splits=tiny_splits())
+step = runner.trainer.step
 def slow_step(batch):
-    if runner.state.step == 2:
+    if runner.trainer.n_training_steps == 2:
         (out.parent / (out.name + ".started")).write_text("")
     time.sleep(0.05)
     return step(batch)
-runner.step = slow_step
+runner.trainer.step = slow_step
 try:
     runner.run()
 except MLSAEError as exc:
@@ -101,19 +101,19 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_equal(tmp_path) -> None
     killed_at = json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text())["step"]
     assert (out / LOCK_FILE).exists()  # left by the dead process: stale, taken over below
 
-    resumed = MultiLayerSAETrainingRunner(tiny_config(out, resume=True), model=tiny_model(), splits=tiny_splits())
+    resumed = TrainingRun(tiny_config(out, resume=True), model=tiny_model(), splits=tiny_splits())
     resumed.run()
-    full = MultiLayerSAETrainingRunner(tiny_config(tmp_path / "full"), model=tiny_model(), splits=tiny_splits())
+    full = TrainingRun(tiny_config(tmp_path / "full"), model=tiny_model(), splits=tiny_splits())
     full.run()
     a, b = load_file(out / "sae_weights.safetensors"), load_file(tmp_path / "full" / "sae_weights.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after a kill at step >= {killed_at}"
-    assert torch.equal(resumed.tokens_since_fired, full.tokens_since_fired)
+    assert torch.equal(resumed.trainer.tokens_since_fired, full.trainer.tokens_since_fired)
     assert resumed.scheduler.state_dict() == full.scheduler.state_dict()
     without_time = lambda log: [{k: v for k, v in row.items() if k != "seconds"} for row in log]  # noqa: E731
-    assert without_time(resumed.state.log) == without_time(full.state.log)
-    assert all(row["seconds"] >= 0 for row in resumed.state.log)
+    assert without_time(resumed.trainer.log) == without_time(full.trainer.log)
+    assert all(row["seconds"] >= 0 for row in resumed.trainer.log)
     assert not (out / LOCK_FILE).exists()
 
 

@@ -15,7 +15,7 @@ from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.data import TokenSplits
 from mlsae_lens.distributed import global_layer_variance, is_main, local_rows, maybe_all_reduce_
 from mlsae_lens.sae import per_layer_total_variance
-from mlsae_lens.training import MultiLayerSAETrainingRunner
+from mlsae_lens.run_training import TrainingRun
 from tiny import EosTokenizer, tiny_token_splits, tiny_transformer
 
 EOS = 0
@@ -43,12 +43,12 @@ def worker(rank: int, world_size: int, port: int, out: str, extra: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    runner = MultiLayerSAETrainingRunner(tiny_config(Path(out)), model=tiny_model(), splits=tiny_splits())
+    runner = TrainingRun(tiny_config(Path(out)), model=tiny_model(), splits=tiny_splits())
     try:
         runner.run()
         # Every rank ends with the same weights and counters; only rank 0 wrote the run dir.
         state = {k: v.detach().clone() for k, v in runner.sae.state_dict().items()}
-        state["tokens_since_fired"] = runner.tokens_since_fired
+        state["tokens_since_fired"] = runner.trainer.tokens_since_fired
         save_file(state, str(Path(extra) / f"rank{rank}.safetensors"))
         (Path(extra) / f"rank{rank}.json").write_text(json.dumps(
             {"is_main": is_main(), "rows": local_rows(torch.arange(15)).tolist(),
@@ -72,7 +72,7 @@ def two_rank_run(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_two_gloo_ranks_train_the_same_sae_as_one_process(tmp_path, two_rank_run) -> None:
     out, extra = two_rank_run
-    single = MultiLayerSAETrainingRunner(tiny_config(tmp_path), model=tiny_model(), splits=tiny_splits())
+    single = TrainingRun(tiny_config(tmp_path), model=tiny_model(), splits=tiny_splits())
     single.run()
     ddp = load_file(out / "sae_weights.safetensors")
     one = load_file(tmp_path / "sae_weights.safetensors")
@@ -82,10 +82,10 @@ def test_two_gloo_ranks_train_the_same_sae_as_one_process(tmp_path, two_rank_run
     rank0, rank1 = load_file(extra / "rank0.safetensors"), load_file(extra / "rank1.safetensors")
     for name in rank0:  # the ranks never drift apart (same all-reduced updates)
         assert torch.equal(rank0[name], rank1[name]), name
-    assert torch.equal(rank0["tokens_since_fired"], single.tokens_since_fired)
+    assert torch.equal(rank0["tokens_since_fired"], single.trainer.tokens_since_fired)
     log = json.loads((out / "training_log.json").read_text())
     assert any(row["auxk"] > 0 for row in log)  # the AuxK path ran with global denominators
-    for mine, ref in zip(log, single.state.log, strict=True):
+    for mine, ref in zip(log, single.trainer.log, strict=True):
         for key in ("loss", "fvu", "auxk", "l0", "dead_fraction"):
             assert mine[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
 

@@ -34,7 +34,7 @@ from mlsae_lens.evals import (
     spliced_losses,
 )
 from mlsae_lens.normalization import renormalize
-from mlsae_lens.training import MultiLayerSAETrainingRunner
+from mlsae_lens.run_training import TrainingRun
 from tiny import EosTokenizer, tiny_token_splits, tiny_transformer
 
 EOS = 0
@@ -56,7 +56,7 @@ def trained_run(tmp_path_factory, tiny_model, tiny_splits) -> Path:
         training_tokens=15 * 8, batch_size_tokens=15, contexts_per_chunk=4, model_batch_size=2,
         lr=1e-3, dead_tokens_threshold=30, log_every_steps=1, seed=3,
     )
-    MultiLayerSAETrainingRunner(cfg, model=tiny_model, splits=tiny_splits).run()
+    TrainingRun(cfg, model=tiny_model, splits=tiny_splits).run()
     return out
 
 

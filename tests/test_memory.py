@@ -22,7 +22,7 @@ from mlsae_lens.memory import (
     forward_bytes_per_context,
     resolve_model_batch_size,
 )
-from mlsae_lens.training import MultiLayerSAETrainingRunner
+from mlsae_lens.run_training import TrainingRun
 from tiny import EosTokenizer, tiny_token_splits, tiny_transformer
 
 MiB = 2**20
@@ -115,13 +115,13 @@ def tiny_model():
 
 def test_a_run_with_auto_batch_equals_one_given_that_value_and_records_it(tmp_path, tiny_model) -> None:
     splits = tiny_token_splits()
-    auto = MultiLayerSAETrainingRunner(tiny_config(tmp_path / "auto"), model=tiny_model, splits=splits)
+    auto = TrainingRun(tiny_config(tmp_path / "auto"), model=tiny_model, splits=splits)
     chosen = auto.cfg.model_batch_size
     assert chosen == auto_model_batch_size(tiny_model.cfg, 16, auto.device)  # tiny: the cap
     auto.run()
     assert json.loads((tmp_path / "auto" / "run.json").read_text())["model_batch_size"] == chosen
     given = tiny_config(tmp_path / "given", model_batch_size=chosen)
-    MultiLayerSAETrainingRunner(given, model=tiny_model, splits=splits).run()
+    TrainingRun(given, model=tiny_model, splits=splits).run()
     a = load_file(tmp_path / "auto" / "sae_weights.safetensors")
     b = load_file(tmp_path / "given" / "sae_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
@@ -130,18 +130,18 @@ def test_a_run_with_auto_batch_equals_one_given_that_value_and_records_it(tmp_pa
 def test_resume_with_auto_reuses_the_recorded_batch_and_refuses_another(tmp_path, tiny_model) -> None:
     splits = tiny_token_splits()
     out = tmp_path / "run"
-    MultiLayerSAETrainingRunner(tiny_config(out, model_batch_size=2), model=tiny_model, splits=splits).run()
+    TrainingRun(tiny_config(out, model_batch_size=2), model=tiny_model, splits=splits).run()
     for name in ("cfg.json", "sae_weights.safetensors"):  # as if interrupted after the last checkpoint
         (out / name).unlink()
     longer = dict(resume=True, training_tokens=15 * 9)
-    resumed = MultiLayerSAETrainingRunner(tiny_config(out, **longer), model=tiny_model, splits=splits)
+    resumed = TrainingRun(tiny_config(out, **longer), model=tiny_model, splits=splits)
     assert resumed.cfg.model_batch_size == 2  # not the memory-based choice (the cap here)
     resumed.run()
     assert json.loads((out / "run.json").read_text())["model_batch_size"] == 2
     for name in ("cfg.json", "sae_weights.safetensors"):
         (out / name).unlink()
     with pytest.raises(MLSAEError, match="model_batch_size"):
-        MultiLayerSAETrainingRunner(tiny_config(out, model_batch_size=3, **longer), model=tiny_model, splits=splits)
+        TrainingRun(tiny_config(out, model_batch_size=3, **longer), model=tiny_model, splits=splits)
 
 
 # ---------------------------------------------------------------------- update_sparse pieces

@@ -17,7 +17,7 @@ from mlsae_lens import activations
 from mlsae_lens.checkpoint import list_checkpoints
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.progress import TrainingProgress
-from mlsae_lens.training import MultiLayerSAETrainingRunner
+from mlsae_lens.run_training import TrainingRun
 
 
 class Terminal(io.StringIO):
@@ -43,7 +43,7 @@ def test_the_bar_never_passes_the_requested_tokens_and_shows_one_rate_and_the_ha
 def test_training_outside_a_terminal_logs_plain_lines_without_escape_codes(tmp_path, capfd, caplog) -> None:
     """Under pytest stderr is not a terminal, as in a log file or a pipe."""
     total = BATCH * 7 + 5  # not a multiple of the batch: the last step passes the total
-    runner = MultiLayerSAETrainingRunner(tiny_config(tmp_path / "run", training_tokens=total, normalization="center",
+    runner = TrainingRun(tiny_config(tmp_path / "run", training_tokens=total, normalization="center",
                                                      center_estimation_tokens=30),
                                          model=tiny_model(), splits=tiny_splits())
     with caplog.at_level(logging.INFO, logger="mlsae_lens"):
@@ -53,7 +53,7 @@ def test_training_outside_a_terminal_logs_plain_lines_without_escape_codes(tmp_p
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("training: ")]
     assert lines and lines[-1].startswith(f"training: {total}/{total} tokens (100%)")
     assert any(r.getMessage().startswith("harvesting chunk 0") for r in caplog.records)
-    assert runner.state.tokens > total  # the run did pass the total; the display did not
+    assert runner.trainer.n_training_samples > total  # the run did pass the total; the display did not
 
 
 @pytest.mark.parametrize("signal_at", [1, 5])
@@ -74,15 +74,15 @@ def test_a_signal_during_a_harvest_stops_before_the_next_model_forward_and_resum
 
     monkeypatch.setattr(activations, "harvest_resid_post", counting)
     out = tmp_path / "run"
-    runner = MultiLayerSAETrainingRunner(tiny_config(out), model=tiny_model(), splits=tiny_splits())
+    runner = TrainingRun(tiny_config(out), model=tiny_model(), splits=tiny_splits())
     with pytest.raises(MLSAEError, match=r"interrupted by signal 2 at \d+ tokens; checkpoint saved to .*--resume"):
         runner.run()
     assert len(forwards) == signal_at
     assert list_checkpoints(out)
     monkeypatch.setattr(activations, "harvest_resid_post", harvest)
 
-    MultiLayerSAETrainingRunner(tiny_config(out, resume=True), model=tiny_model(), splits=tiny_splits()).run()
-    MultiLayerSAETrainingRunner(tiny_config(tmp_path / "full"), model=tiny_model(), splits=tiny_splits()).run()
+    TrainingRun(tiny_config(out, resume=True), model=tiny_model(), splits=tiny_splits()).run()
+    TrainingRun(tiny_config(tmp_path / "full"), model=tiny_model(), splits=tiny_splits()).run()
     a, b = load_file(out / "sae_weights.safetensors"), load_file(tmp_path / "full" / "sae_weights.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -17,7 +17,7 @@ from mlsae_lens.checkpoint import LOCK_FILE, list_checkpoints
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.data import TokenSplits, tensor_sha256
 from mlsae_lens.run_dir import resolve_output_dir
-from mlsae_lens.training import MultiLayerSAETrainingRunner
+from mlsae_lens.run_training import TrainingRun
 from tiny import EosTokenizer, crash_runner_at, tiny_token_splits, tiny_transformer
 
 
@@ -45,8 +45,8 @@ def config(out: Path | None, **overrides) -> MultiLayerRunnerConfig:
     return MultiLayerRunnerConfig(**base)
 
 
-def run(cfg, model, splits=None, crash_at_step: int | None = None) -> MultiLayerSAETrainingRunner:
-    runner = MultiLayerSAETrainingRunner(cfg, model=model, splits=splits or hashed_splits())
+def run(cfg, model, splits=None, crash_at_step: int | None = None) -> TrainingRun:
+    runner = TrainingRun(cfg, model=model, splits=splits or hashed_splits())
     if crash_at_step is not None:
         crash_runner_at(runner, crash_at_step)
         with pytest.raises(RuntimeError, match="simulated crash"):
@@ -69,9 +69,9 @@ def test_a_run_that_failed_before_its_first_checkpoint_restarts_with_new_setting
 def test_an_interrupted_run_names_resume_and_its_settings(tmp_path, tiny_model) -> None:
     run(config(tmp_path), tiny_model, crash_at_step=5)
     with pytest.raises(MLSAEError, match=f"unfinished run .*`mlsae-lens train --output-dir {tmp_path} --resume`"):
-        MultiLayerSAETrainingRunner(config(tmp_path), model=tiny_model, splits=hashed_splits())
+        TrainingRun(config(tmp_path), model=tiny_model, splits=hashed_splits())
     with pytest.raises(MLSAEError, match=r"settings differ: k\); resume it with its settings \(--k 4\)"):
-        MultiLayerSAETrainingRunner(config(tmp_path, k=3, resume=True), model=tiny_model, splits=hashed_splits())
+        TrainingRun(config(tmp_path, k=3, resume=True), model=tiny_model, splits=hashed_splits())
     run(config(tmp_path, resume=True), tiny_model)  # the advised command works
     assert (tmp_path / "sae_weights.safetensors").is_file()
 
@@ -82,20 +82,20 @@ def test_a_finished_run_is_not_retrained_by_resume_and_overwrite_replaces_only_i
     before = (tmp_path / "sae_weights.safetensors").read_bytes()
     with pytest.raises(MLSAEError, match="finished run .*nothing to resume. To train longer, start a new run "
                                          "with a larger --training-tokens"):
-        MultiLayerSAETrainingRunner(config(tmp_path, resume=True, training_tokens=240), model=tiny_model,
+        TrainingRun(config(tmp_path, resume=True, training_tokens=240), model=tiny_model,
                                     splits=hashed_splits())
     assert (tmp_path / "sae_weights.safetensors").read_bytes() == before
     with pytest.raises(MLSAEError, match="pass one"):
-        MultiLayerSAETrainingRunner(config(tmp_path, resume=True, overwrite=True), model=tiny_model)
-    overwriting = MultiLayerSAETrainingRunner(config(tmp_path, k=3, overwrite=True, checkpoint_every_tokens=1000),
+        TrainingRun(config(tmp_path, resume=True, overwrite=True), model=tiny_model)
+    overwriting = TrainingRun(config(tmp_path, k=3, overwrite=True, checkpoint_every_tokens=1000),
                                               model=tiny_model, splits=hashed_splits())
-    original = overwriting.step
+    original = overwriting.trainer.step
 
     def step(batch):  # while it trains, the overwriting run still holds the directory's lock
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
         return original(batch)
 
-    overwriting.step = step  # type: ignore[method-assign]
+    overwriting.trainer.step = step  # type: ignore[method-assign]
     overwriting.run()
     assert not (tmp_path / LOCK_FILE).exists()
     assert json.loads((tmp_path / "run.json").read_text())["k"] == 3
@@ -106,7 +106,7 @@ def test_a_finished_run_is_not_retrained_by_resume_and_overwrite_replaces_only_i
 def test_overwrite_never_touches_a_directory_that_holds_no_run(tmp_path, tiny_model) -> None:
     (tmp_path / "thesis.tex").write_text("years of work")
     with pytest.raises(MLSAEError, match="holds no mlsae-lens run .*--overwrite only replaces an mlsae-lens run"):
-        MultiLayerSAETrainingRunner(config(tmp_path, overwrite=True), model=tiny_model)
+        TrainingRun(config(tmp_path, overwrite=True), model=tiny_model)
     assert [p.name for p in tmp_path.iterdir()] == ["thesis.tex"]
 
 
@@ -116,7 +116,7 @@ def test_a_live_run_in_the_directory_is_named_without_resume(tmp_path, tiny_mode
     try:
         (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename}))
         with pytest.raises(MLSAEError, match=f"another mlsae-lens run \\(pid {holder.pid}.*is writing into"):
-            MultiLayerSAETrainingRunner(config(tmp_path), model=tiny_model)
+            TrainingRun(config(tmp_path), model=tiny_model)
     finally:
         holder.kill()
         holder.wait()
@@ -126,15 +126,15 @@ def test_an_output_dir_that_is_a_file_is_called_a_file(tmp_path, tiny_model) -> 
     blocker = tmp_path / "run"
     blocker.write_text("x")
     with pytest.raises(MLSAEError, match="--output-dir .*run is a file, not a directory; choose another"):
-        MultiLayerSAETrainingRunner(config(blocker), model=tiny_model)
+        TrainingRun(config(blocker), model=tiny_model)
     with pytest.raises(MLSAEError, match="sub cannot be created: .*run is a file; choose another --output-dir"):
-        MultiLayerSAETrainingRunner(config(blocker / "sub"), model=tiny_model)
+        TrainingRun(config(blocker / "sub"), model=tiny_model)
 
 
 def test_a_run_json_that_is_not_json_is_one_line_with_the_way_out(tmp_path, tiny_model) -> None:
     (tmp_path / "run.json").write_text("{not json")
     with pytest.raises(MLSAEError, match="run.json is not valid JSON .*--overwrite") as info:
-        MultiLayerSAETrainingRunner(config(tmp_path), model=tiny_model)
+        TrainingRun(config(tmp_path), model=tiny_model)
     assert "\n" not in str(info.value)
     run(config(tmp_path, overwrite=True), tiny_model)  # the advised command works
     assert json.loads((tmp_path / "run.json").read_text())["k"] == 4
@@ -161,9 +161,9 @@ def test_resume_after_the_corpus_changed_names_both_hashes(tmp_path, tiny_model)
 
 
 def test_training_past_the_corpus_says_how_many_passes_before_it_starts(tmp_path, tiny_model, caplog) -> None:
-    runner = MultiLayerSAETrainingRunner(config(tmp_path, training_tokens=2000, checkpoint_every_tokens=10**6),
+    runner = TrainingRun(config(tmp_path, training_tokens=2000, checkpoint_every_tokens=10**6),
                                          model=tiny_model, splits=hashed_splits())
-    runner.step = lambda batch: (_ for _ in ()).throw(RuntimeError("stop before the first step"))  # type: ignore[method-assign]
+    runner.trainer.step = lambda batch: (_ for _ in ()).throw(RuntimeError("stop before the first step"))  # type: ignore[method-assign]
     with caplog.at_level(logging.WARNING, logger="mlsae_lens"), pytest.raises(RuntimeError, match="first step"):
         runner.run()
     # 32 train contexts x 15 non-special tokens = 480 tokens: 2000 / 480 = 4.2 passes

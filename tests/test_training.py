@@ -11,7 +11,7 @@ from transformer_lens import HookedTransformer
 from mlsae_lens import MLSAEError
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.data import TokenSplits
-from mlsae_lens.training import MultiLayerSAETrainingRunner
+from mlsae_lens.run_training import TrainingRun
 from tiny import EosTokenizer, crash_runner_at, tiny_token_splits, tiny_transformer
 
 EOS = 0
@@ -41,8 +41,8 @@ def with_tokenizer(tiny_model: HookedTransformer):
     yield
 
 
-def train(cfg, model, splits, crash_at_step: int | None = None) -> MultiLayerSAETrainingRunner:
-    runner = MultiLayerSAETrainingRunner(cfg, model=model, splits=splits)
+def train(cfg, model, splits, crash_at_step: int | None = None) -> TrainingRun:
+    runner = TrainingRun(cfg, model=model, splits=splits)
     if crash_at_step is not None:
         crash_runner_at(runner, crash_at_step)
     runner.run()
@@ -51,15 +51,15 @@ def train(cfg, model, splits, crash_at_step: int | None = None) -> MultiLayerSAE
 
 def test_training_reduces_the_loss(tmp_path, tiny_model, tiny_splits) -> None:
     runner = train(tiny_config(tmp_path, training_tokens=15 * 40), tiny_model, tiny_splits)
-    log = runner.state.log
+    log = runner.trainer.log
     assert log[-1]["fvu"] < log[0]["fvu"]
     assert (tmp_path / "cfg.json").exists() and (tmp_path / "training_log.json").exists()
 
 
 def test_special_tokens_are_excluded_from_training_batches(tmp_path, tiny_model, tiny_splits) -> None:
-    runner = MultiLayerSAETrainingRunner(tiny_config(tmp_path), model=tiny_model, splits=tiny_splits)
-    n_valid = int((tiny_splits.train[runner.stream.context_order[:4]] != EOS).sum())
-    assert runner.stream.harvest_chunk(0).shape == (n_valid, 3, 16)
+    runner = TrainingRun(tiny_config(tmp_path), model=tiny_model, splits=tiny_splits)
+    n_valid = int((tiny_splits.train[runner.activations_store.context_order[:4]] != EOS).sum())
+    assert runner.activations_store.harvest_chunk(0).shape == (n_valid, 3, 16)
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run_bitwise(tmp_path, tiny_model, tiny_splits) -> None:
@@ -68,44 +68,44 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run_bitwise(tmp_path, tiny
         train(tiny_config(tmp_path / "b"), tiny_model, tiny_splits, crash_at_step=6)
     assert not (tmp_path / "b" / "cfg.json").exists()  # nothing final was half-written
     resumed = train(tiny_config(tmp_path / "b", resume=True), tiny_model, tiny_splits)
-    assert resumed.state.step == full.state.step
+    assert resumed.trainer.n_training_steps == full.trainer.n_training_steps
     a = load_file(tmp_path / "a" / "sae_weights.safetensors")
     b = load_file(tmp_path / "b" / "sae_weights.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    assert torch.equal(full.tokens_since_fired, resumed.tokens_since_fired)
+    assert torch.equal(full.trainer.tokens_since_fired, resumed.trainer.tokens_since_fired)
 
 
 def test_dead_latent_counters_count_tokens_and_reset_on_firing(tmp_path, tiny_model, tiny_splits) -> None:
-    runner = MultiLayerSAETrainingRunner(tiny_config(tmp_path), model=tiny_model, splits=tiny_splits)
-    batch = runner.stream.harvest_chunk(0)[:15]
-    runner.initialize(batch)
-    runner.tokens_since_fired.fill_(100)
+    runner = TrainingRun(tiny_config(tmp_path), model=tiny_model, splits=tiny_splits)
+    batch = runner.activations_store.harvest_chunk(0)[:15]
+    runner.runner.initialize(runner.sae, batch)
+    runner.trainer.tokens_since_fired.fill_(100)
     code = runner.sae.encode_topk(batch)  # the code the step will see
     fired = torch.zeros(runner.sae.cfg.d_sae, dtype=torch.bool)
     fired[code.indices[code.values > 0]] = True
-    runner.step(batch)
-    assert (runner.tokens_since_fired[fired] == 0).all()
-    assert (runner.tokens_since_fired[~fired] == 115).all()
+    runner.trainer.step(batch)
+    assert (runner.trainer.tokens_since_fired[fired] == 0).all()
+    assert (runner.trainer.tokens_since_fired[~fired] == 115).all()
 
 
 def test_dead_mask_feeds_auxk_once_threshold_reached(tmp_path, tiny_model, tiny_splits) -> None:
     runner = train(tiny_config(tmp_path, expansion_factor=16, training_tokens=15 * 8), tiny_model, tiny_splits)
-    assert any(row["dead_fraction"] > 0 and row["auxk"] > 0 for row in runner.state.log)
+    assert any(row["dead_fraction"] > 0 and row["auxk"] > 0 for row in runner.trainer.log)
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_model, tiny_splits) -> None:
-    runner = MultiLayerSAETrainingRunner(tiny_config(tmp_path), model=tiny_model, splits=tiny_splits)
-    original = runner.step
+    runner = TrainingRun(tiny_config(tmp_path), model=tiny_model, splits=tiny_splits)
+    original = runner.trainer.step
 
     def poisoned(batch):
-        if runner.state.step == 5:
+        if runner.trainer.n_training_steps == 5:
             with torch.no_grad():
                 runner.sae.W_enc.fill_(float("nan"))
         return original(batch)
 
-    runner.step = poisoned  # type: ignore[method-assign]
+    runner.trainer.step = poisoned  # type: ignore[method-assign]
     with pytest.raises(MLSAEError, match=r"NaN/inf at step 5; the last good checkpoint is .*tokens_000000000060") as info:
         runner.run()
     assert f"`mlsae-lens train --output-dir {tmp_path} --overwrite --lr 0.0001`" in str(info.value)
@@ -116,7 +116,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_mo
 
 
 def test_nan_activations_are_refused(tmp_path, tiny_model, tiny_splits) -> None:
-    runner = MultiLayerSAETrainingRunner(tiny_config(tmp_path), model=tiny_model, splits=tiny_splits)
+    runner = TrainingRun(tiny_config(tmp_path), model=tiny_model, splits=tiny_splits)
     tiny_model.blocks[1].hook_resid_post.add_hook(lambda x, hook: x * float("nan"))
     try:
         with pytest.raises(MLSAEError, match="non-finite"):
@@ -129,9 +129,9 @@ def test_an_output_dir_holding_another_run_is_refused(tmp_path, tiny_model, tiny
     train(tiny_config(tmp_path, training_tokens=30), tiny_model, tiny_splits)
     before = (tmp_path / "sae_weights.safetensors").read_bytes()
     with pytest.raises(MLSAEError, match="already holds a finished run; .* --overwrite"):
-        MultiLayerSAETrainingRunner(tiny_config(tmp_path, k=3), model=tiny_model, splits=tiny_splits)
+        TrainingRun(tiny_config(tmp_path, k=3), model=tiny_model, splits=tiny_splits)
     with pytest.raises(MLSAEError, match="holds a finished run .*nothing to resume"):
-        MultiLayerSAETrainingRunner(tiny_config(tmp_path, k=3, resume=True), model=tiny_model, splits=tiny_splits)
+        TrainingRun(tiny_config(tmp_path, k=3, resume=True), model=tiny_model, splits=tiny_splits)
     assert (tmp_path / "sae_weights.safetensors").read_bytes() == before
     assert json.loads((tmp_path / "run.json").read_text())["k"] == 4
 
@@ -140,10 +140,10 @@ def test_an_unwritable_output_dir_is_named(tmp_path, tiny_model, tiny_splits) ->
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(MLSAEError, match="cannot be created: .*file is a file"):
-        MultiLayerSAETrainingRunner(tiny_config(blocker / "run"), model=tiny_model, splits=tiny_splits)
+        TrainingRun(tiny_config(blocker / "run"), model=tiny_model, splits=tiny_splits)
     if Path("/sys").is_dir():  # sysfs refuses new entries even to root (EPERM)
         with pytest.raises(MLSAEError, match="output directory /sys/mlsae-lens-run is not writable"):
-            MultiLayerSAETrainingRunner(tiny_config(Path("/sys/mlsae-lens-run")), model=tiny_model, splits=tiny_splits)
+            TrainingRun(tiny_config(Path("/sys/mlsae-lens-run")), model=tiny_model, splits=tiny_splits)
 
 
 @pytest.mark.parametrize(
@@ -159,4 +159,4 @@ def test_bad_settings_are_refused_with_the_flag_name(tmp_path, field, value, mat
 
 def test_k_not_below_d_sae_is_refused(tmp_path, tiny_model, tiny_splits) -> None:
     with pytest.raises(MLSAEError, match="0 < k < d_sae"):
-        MultiLayerSAETrainingRunner(tiny_config(tmp_path, k=64, expansion_factor=4), model=tiny_model, splits=tiny_splits)
+        TrainingRun(tiny_config(tmp_path, k=64, expansion_factor=4), model=tiny_model, splits=tiny_splits)

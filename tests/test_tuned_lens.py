@@ -24,7 +24,7 @@ from mlsae_lens.lens import (
     train_lens,
 )
 from mlsae_lens.sae import MultiLayerSAE, MultiLayerSAEConfig
-from mlsae_lens.training import MultiLayerSAETrainingRunner
+from mlsae_lens.run_training import TrainingRun
 from tiny import EosTokenizer, tiny_token_splits, tiny_transformer
 
 N_LAYERS, D = 3, 16
@@ -200,7 +200,7 @@ def test_runner_trains_with_frozen_translators_saved_in_the_sae(tiny_model, tiny
         training_tokens=60, batch_size_tokens=15, contexts_per_chunk=4, model_batch_size=2, lr=1e-3,
         normalization="center", center_estimation_tokens=60, tuned_lens=str(tmp_path / "lens"), seed=3,
     )
-    runner = MultiLayerSAETrainingRunner(cfg, model=tiny_model, splits=tiny_splits)
+    runner = TrainingRun(cfg, model=tiny_model, splits=tiny_splits)
     assert not any(name.startswith("lens_") for name, _ in runner.sae.named_parameters())
     runner.run()
     weight, bias = resid_post_translators(lens)
@@ -232,7 +232,7 @@ def test_per_layer_saelens_baseline_of_a_tuned_lens_run_trains_in_the_model_basi
         training_tokens=45, batch_size_tokens=15, contexts_per_chunk=4, model_batch_size=2, lr=1e-3,
         normalization="center", center_estimation_tokens=60, tuned_lens=str(tmp_path / "lens"), seed=3,
     )
-    runner = MultiLayerSAETrainingRunner(cfg, model=tiny_model, splits=tiny_splits)
+    runner = TrainingRun(cfg, model=tiny_model, splits=tiny_splits)
     runner.run()
     raw = estimate_layer_means(tiny_model, tiny_splits.train,
                                special_token_mask(tiny_splits.train, tiny_model.tokenizer), 60, 2)

@@ -45,11 +45,11 @@ def tiny_token_splits() -> TokenSplits:
 def crash_runner_at(runner, step: int) -> None:
     """Make ``runner`` raise ``RuntimeError("simulated crash")`` when it reaches ``step``, as a
     crash between checkpoints would (the runner's ``step`` is patched on this instance only)."""
-    original = runner.step
+    original = runner.trainer.step
 
     def crashing_step(batch):
-        if runner.state.step == step:
+        if runner.trainer.n_training_steps == step:
             raise RuntimeError("simulated crash")
         return original(batch)
 
-    runner.step = crashing_step
+    runner.trainer.step = crashing_step
