@@ -29,6 +29,7 @@ DEFAULT_PREFIX = "runs/mlsae-"
 # .lock: the overwriting run holds it while it removes the rest.
 RUN_ARTEFACTS = (
     RUN_FILE, "cfg.json", "sae_weights.safetensors", "training_log.json", SPLITS_FILE,
+    "runner_cfg.json", "sparsity.safetensors",
     CHECKPOINT_DIR, "eval.json", "metrics.json", "stats.safetensors", "report.html",
     "baselines", "top_contexts.safetensors", "explore.html", "README.md",
 )

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from test_crash_resume import tiny_config, tiny_model, tiny_splits
 
 from mlsae_lens import MLSAEError
-from mlsae_lens.activation_cache import MANIFEST, CachedActivationStream, write_activation_cache
+from mlsae_lens.activation_cache import MANIFEST, ActivationCache, write_activation_cache
 from mlsae_lens.run_training import TrainingRun
 
 
@@ -35,7 +35,7 @@ def assert_same_weights(run_a: Path, run_b: Path) -> None:
 
 def test_the_cache_yields_the_live_streams_batches_and_trains_the_same_sae(tmp_path, cache_dir) -> None:
     live, cached = runner(tmp_path / "live"), runner(tmp_path / "cached", cache_dir)
-    assert isinstance(cached.stream, CachedActivationStream)
+    assert isinstance(cached.activations_store.cache, ActivationCache)
     for chunk in (0, 3, 9):  # chunk 9 wraps to the second epoch
         torch.testing.assert_close(cached.activations_store.harvest_chunk(chunk), live.activations_store.harvest_chunk(chunk),
                                    rtol=1e-6, atol=1e-6)
@@ -64,13 +64,13 @@ def test_a_corrupted_or_truncated_shard_is_named(tmp_path, cache_dir) -> None:
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    stream = runner(tmp_path / "a", cache).stream
+    store = runner(tmp_path / "a", cache).activations_store
     with pytest.raises(MLSAEError, match="shard_00001.safetensors is corrupted \\(sha256 mismatch\\)"):
-        for chunk in range(stream.n_chunks):
-            stream.harvest_chunk(chunk)
+        for chunk in range(store.n_chunks):
+            store.harvest_chunk(chunk)
     shard.write_bytes(bytes(data[:100]))
     with pytest.raises(MLSAEError, match="shard_00001.safetensors is missing or truncated"):
-        runner(tmp_path / "b", cache).stream.context_rows(shard_context(cache, 1))
+        runner(tmp_path / "b", cache).activations_store.cache.context_rows(shard_context(cache, 1))
 
 
 def test_a_cache_of_another_model_or_corpus_is_refused(tmp_path, cache_dir) -> None:
@@ -109,7 +109,7 @@ def test_a_pickle_in_place_of_a_shard_is_refused(tmp_path, cache_dir) -> None:
     manifest["shards"][0]["bytes"] = shard.stat().st_size
     (cache / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(MLSAEError, match="is a pickle/torch.save file"):
-        runner(tmp_path / "a", cache).stream.context_rows(shard_context(cache, 0))
+        runner(tmp_path / "a", cache).activations_store.cache.context_rows(shard_context(cache, 0))
 
 
 def test_a_missing_cache_or_an_existing_one_is_named(tmp_path, cache_dir) -> None:

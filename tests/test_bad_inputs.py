@@ -19,6 +19,7 @@ from mlsae_lens import MLSAEError, MultiLayerSAE, MultiLayerSAEConfig
 from mlsae_lens import atomic
 from mlsae_lens import checkpoint as ckpt
 from mlsae_lens.checkpoint import (
+    CHECKPOINT_DIR,
     LOCK_FILE,
     acquire_run_lock,
     atomic_save_file,
@@ -82,7 +83,7 @@ def test_reference_checkpoints_with_pickled_weights_are_refused(tmp_path) -> Non
 
 
 def test_a_pickled_checkpoint_state_is_refused(tmp_path) -> None:
-    path = write_checkpoint(tmp_path, "tokens_000000000010", tiny_sae(), {"x": torch.zeros(1)}, {"step": 1})
+    path = write_checkpoint(tmp_path / CHECKPOINT_DIR, "tokens_000000000010", tiny_sae(), {"x": torch.zeros(1)}, {"step": 1})
     torch.save({"x": torch.zeros(1)}, path / ckpt.STATE_TENSORS)
     with pytest.raises(MLSAEError, match=PICKLE_MESSAGE):
         read_checkpoint(path)
@@ -131,17 +132,17 @@ def test_disk_full_while_writing_json_or_tensors_keeps_the_previous_file(tmp_pat
 
 
 def test_disk_full_while_writing_a_checkpoint_keeps_the_earlier_ones(tmp_path, monkeypatch) -> None:
-    write_checkpoint(tmp_path, "tokens_000000000010", tiny_sae(), {"x": torch.zeros(1)}, {"step": 1})
+    write_checkpoint(tmp_path / CHECKPOINT_DIR, "tokens_000000000010", tiny_sae(), {"x": torch.zeros(1)}, {"step": 1})
     before = files(tmp_path)
     monkeypatch.setattr(ckpt, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        write_checkpoint(tmp_path, "tokens_000000000020", tiny_sae(), {"x": torch.ones(1)}, {"step": 2})
+        write_checkpoint(tmp_path / CHECKPOINT_DIR, "tokens_000000000020", tiny_sae(), {"x": torch.ones(1)}, {"step": 2})
     assert files(tmp_path) == before
     assert [p.name for p in list_checkpoints(tmp_path)] == ["tokens_000000000010"]
 
 
 def test_a_half_written_checkpoint_is_ignored_and_a_damaged_one_named(tmp_path) -> None:
-    good = write_checkpoint(tmp_path, "tokens_000000000010", tiny_sae(), {"x": torch.zeros(1)}, {"step": 1})
+    good = write_checkpoint(tmp_path / CHECKPOINT_DIR, "tokens_000000000010", tiny_sae(), {"x": torch.zeros(1)}, {"step": 1})
     (tmp_path / "checkpoints" / ".tmp-killed").mkdir()  # what a kill mid-write leaves
     assert list_checkpoints(tmp_path) == [good]
     state = good / ckpt.STATE_TENSORS
@@ -284,7 +285,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_on_resume(tmp_path) -> None:
     from mlsae_lens.run_training import TrainingRun
 
     runner = TrainingRun(tiny_config(tmp_path), model=tiny_model(), splits=tiny_splits())
-    runner.checkpoint()
+    runner.trainer.save_checkpoint("tokens_000000000000")
     (path,) = list_checkpoints(tmp_path)
     (tmp_path / "run.json").write_text(json.dumps(runner.cfg.to_dict()))
     state = load_file(path / "sae_weights.safetensors")
@@ -296,7 +297,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_on_resume(tmp_path) -> None:
 
 
 def test_analyze_on_an_interrupted_run_says_unfinished_and_gives_the_resume_command(tmp_path, capsys) -> None:
-    write_checkpoint(tmp_path, "tokens_000000000060", tiny_sae(), {"x": torch.zeros(1)}, {})
+    write_checkpoint(tmp_path / CHECKPOINT_DIR, "tokens_000000000060", tiny_sae(), {"x": torch.zeros(1)}, {})
     (tmp_path / "run.json").write_text(json.dumps({"model_name": "tiny"}))
     assert main(["analyze", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -325,7 +326,7 @@ def test_sae_and_checkpoint_files_get_the_umask_mode_like_every_other_file(tmp_p
     old = os.umask(0o022)
     try:
         atomic_save_sae(tiny_sae(), tmp_path)
-        write_checkpoint(tmp_path, "tokens_000000000001", tiny_sae(), {"x": torch.zeros(1)}, {})
+        write_checkpoint(tmp_path / CHECKPOINT_DIR, "tokens_000000000001", tiny_sae(), {"x": torch.zeros(1)}, {})
     finally:
         os.umask(old)
     modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}

@@ -110,7 +110,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_equal(tmp_path) -> None
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after a kill at step >= {killed_at}"
     assert torch.equal(resumed.trainer.tokens_since_fired, full.trainer.tokens_since_fired)
-    assert resumed.scheduler.state_dict() == full.scheduler.state_dict()
+    assert resumed.trainer.lr_scheduler.state_dict() == full.trainer.lr_scheduler.state_dict()
     without_time = lambda log: [{k: v for k, v in row.items() if k != "seconds"} for row in log]  # noqa: E731
     assert without_time(resumed.trainer.log) == without_time(full.trainer.log)
     assert all(row["seconds"] >= 0 for row in resumed.trainer.log)

@@ -97,8 +97,8 @@ def test_only_rank_zero_writes_and_each_rank_gets_its_rows(two_rank_run) -> None
     assert info[0]["rows"] + info[1]["rows"] == list(range(15))
     assert info[0]["max"] == info[1]["max"] == 1
     written = sorted(p.name for p in out.iterdir())
-    assert written == ["cfg.json", "checkpoints", "run.json", "sae_weights.safetensors", "splits.json",
-                       "training_log.json"]
+    assert written == ["cfg.json", "checkpoints", "run.json", "runner_cfg.json", "sae_weights.safetensors",
+                       "sparsity.safetensors", "splits.json", "training_log.json"]
     assert not (out / ".lock").exists()
 
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from test_crash_resume import BATCH, tiny_config, tiny_model, tiny_splits
 
-from mlsae_lens import activations
+from mlsae_lens import activations_store
 from mlsae_lens.checkpoint import list_checkpoints
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.progress import TrainingProgress
@@ -64,7 +64,7 @@ def test_a_signal_during_a_harvest_stops_before_the_next_model_forward_and_resum
     during the first forward of the first chunk (before any step) or of the third; the second
     forward never runs."""
     forwards = []
-    harvest = activations.harvest_resid_post
+    harvest = activations_store.harvest_resid_post
 
     def counting(model, tokens):
         forwards.append(len(forwards))
@@ -72,14 +72,14 @@ def test_a_signal_during_a_harvest_stops_before_the_next_model_forward_and_resum
             os.kill(os.getpid(), signal.SIGINT)  # handled by the runner: sets the stop flag
         return harvest(model, tokens)
 
-    monkeypatch.setattr(activations, "harvest_resid_post", counting)
+    monkeypatch.setattr(activations_store, "harvest_resid_post", counting)
     out = tmp_path / "run"
     runner = TrainingRun(tiny_config(out), model=tiny_model(), splits=tiny_splits())
     with pytest.raises(MLSAEError, match=r"interrupted by signal 2 at \d+ tokens; checkpoint saved to .*--resume"):
         runner.run()
     assert len(forwards) == signal_at
     assert list_checkpoints(out)
-    monkeypatch.setattr(activations, "harvest_resid_post", harvest)
+    monkeypatch.setattr(activations_store, "harvest_resid_post", harvest)
 
     TrainingRun(tiny_config(out, resume=True), model=tiny_model(), splits=tiny_splits()).run()
     TrainingRun(tiny_config(tmp_path / "full"), model=tiny_model(), splits=tiny_splits()).run()
