@@ -26,14 +26,25 @@ if TYPE_CHECKING:
         MultiLayerTrainingSAEConfig,
         TopKOutput,
     )
+    from mlsae_lens.activations_store import MultiLayerActivationsStore
+    from mlsae_lens.runner_config import MultiLayerSAERunnerConfig
+    from mlsae_lens.trainer import MultiLayerSAETrainer
+    from mlsae_lens.training import MultiLayerSAETrainingRunner
 
 __version__ = "0.1.0"
 
 _SAE_NAMES = ("ARCHITECTURE", "MultiLayerSAE", "MultiLayerSAEConfig", "MultiLayerTrainingSAE",
               "MultiLayerTrainingSAEConfig", "TopKOutput")
 _LAYER_VIEW_NAMES = ("LAYER_VIEW_ARCHITECTURE", "LayerViewSAE", "LayerViewSAEConfig", "steering_hook")
+# Training through SAELens' runner API: runner, config, store and trainer as SAELens subclasses.
+_TRAINING_EXPORTS = {
+    "MultiLayerSAETrainingRunner": "mlsae_lens.training",
+    "MultiLayerSAERunnerConfig": "mlsae_lens.runner_config",
+    "MultiLayerActivationsStore": "mlsae_lens.activations_store",
+    "MultiLayerSAETrainer": "mlsae_lens.trainer",
+}
 _EXPORTS = {**dict.fromkeys(_SAE_NAMES, "mlsae_lens.sae"),
-            **dict.fromkeys(_LAYER_VIEW_NAMES, "mlsae_lens.layer_view")}
+            **dict.fromkeys(_LAYER_VIEW_NAMES, "mlsae_lens.layer_view"), **_TRAINING_EXPORTS}
 # The modules that register their classes with SAELens when imported.
 _REGISTERING_MODULES = ("mlsae_lens.sae", "mlsae_lens.layer_view")
 
@@ -92,8 +103,12 @@ __all__ = [
     "LayerViewSAE",
     "LayerViewSAEConfig",
     "MLSAEError",
+    "MultiLayerActivationsStore",
     "MultiLayerSAE",
     "MultiLayerSAEConfig",
+    "MultiLayerSAERunnerConfig",
+    "MultiLayerSAETrainer",
+    "MultiLayerSAETrainingRunner",
     "MultiLayerTrainingSAE",
     "MultiLayerTrainingSAEConfig",
     "TopKOutput",

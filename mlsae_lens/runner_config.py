@@ -42,9 +42,6 @@ class MultiLayerSAERunnerConfig(LanguageModelSAERunnerConfig[MultiLayerTrainingS
     model_class_name: str = "TransformerBridge"
     """``TransformerBridge`` (any Hugging Face causal LM) or ``HookedTransformer``."""
     logger: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_to_wandb=False))
-    checkpoint_path: str | None = None
-    """Where checkpoints go (SAELens' default ``checkpoints/<id>`` is replaced by none)."""
-    n_checkpoints: int = 3
     adam_eps: float = 6.25e-10
     """Adam epsilon (reference implementation: 6.25e-10; SAELens uses torch's 1e-8)."""
     max_grad_norm: float | None = None

@@ -1,0 +1,138 @@
+"""Training through SAELens' own runner API: the runner, config and store are SAELens subclasses."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from hf_tiny import corpus_text, save_tiny_causal_lm
+from safetensors.torch import load_file
+from sae_lens import ActivationsStore, LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner, LoggingConfig
+from test_crash_resume import tiny_config, tiny_model, tiny_splits
+from tiny import EOS, crash_runner_at
+
+from mlsae_lens import (
+    MLSAEError,
+    MultiLayerActivationsStore,
+    MultiLayerSAERunnerConfig,
+    MultiLayerSAETrainingRunner,
+    MultiLayerTrainingSAE,
+    MultiLayerTrainingSAEConfig,
+)
+from mlsae_lens.checkpoint import checkpoints_in
+from mlsae_lens.run_training import TrainingRun, token_dataset
+
+# The settings of test_crash_resume.tiny_config, spelled the SAELens way (its cosine decay to zero
+# after 5 warm-up steps is SAELens' "cosineannealing" with lr_end=0).
+SETTINGS = dict(
+    model_name="tiny", context_size=16, training_tokens=15 * 12, train_batch_size_tokens=15,
+    n_batches_in_buffer=4, store_batch_size_prompts=2, lr=1e-3, seed=3, exclude_special_tokens=[EOS],
+    prepend_bos=False, device="cpu", verbose=False, lr_scheduler_name="cosineannealing", lr_end=0.0,
+    lr_warm_up_steps=5,
+)
+
+
+def sae_config() -> MultiLayerTrainingSAEConfig:
+    return MultiLayerTrainingSAEConfig(d_in=16, d_sae=128, k=4, n_layers=2)
+
+
+def saelens_config(tmp_path: Path, **overrides) -> MultiLayerSAERunnerConfig:
+    values = dict(SETTINGS, sae=sae_config(), dead_tokens_threshold=30, checkpoint_every_tokens=60,
+                  output_path=str(tmp_path / "out"), checkpoint_path=str(tmp_path / "checkpoints"))
+    return MultiLayerSAERunnerConfig(**{**values, **overrides})
+
+
+def dataset() -> Dataset:
+    return token_dataset(tiny_splits().train)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_file(a / "sae_weights.safetensors"), load_file(b / "sae_weights.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_saelens_style_run_returns_the_multilayer_sae_and_saelens_files(tmp_path) -> None:
+    runner = MultiLayerSAETrainingRunner(saelens_config(tmp_path), override_dataset=dataset(),
+                                         override_model=tiny_model())
+    assert isinstance(runner, LanguageModelSAETrainingRunner)
+    assert isinstance(runner.activations_store, ActivationsStore)
+    batch = runner.activations_store.next_batch()
+    assert batch.shape == (15, 2, 16)  # [train_batch_size_tokens, n_layers, d_in]
+    sae = runner.run()
+    assert isinstance(sae, MultiLayerTrainingSAE)
+    out = tmp_path / "out"
+    assert {"cfg.json", "sae_weights.safetensors", "runner_cfg.json", "sparsity.safetensors",
+            "training_log.json"} <= {p.name for p in out.iterdir()}
+    assert sae.cfg.metadata.hook_names == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert sae.cfg.metadata.l0 == pytest.approx(4.0, abs=1.0)  # SAELens' final metadata, per vector
+    # SAELens' meaning of checkpoint_path: a unique run id below it.
+    assert Path(runner.cfg.checkpoint_path).parent == tmp_path / "checkpoints"
+    assert [p.name for p in checkpoints_in(Path(runner.cfg.checkpoint_path))] == ["tokens_000000000060",
+                                                                                 "tokens_000000000120"]
+
+
+def test_a_crashed_saelens_style_run_resumed_from_its_checkpoint_ends_bitwise_equal(tmp_path) -> None:
+    MultiLayerSAETrainingRunner(saelens_config(tmp_path / "a"), override_dataset=dataset(),
+                                override_model=tiny_model()).run()
+    crashed = MultiLayerSAETrainingRunner(saelens_config(tmp_path / "b"), override_dataset=dataset(),
+                                          override_model=tiny_model())
+    crash_runner_at(crashed, 7)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashed.run()
+    last = checkpoints_in(Path(crashed.cfg.checkpoint_path))[-1]
+    resumed = MultiLayerSAETrainingRunner(saelens_config(tmp_path / "b", resume_from_checkpoint=str(last)),
+                                          override_dataset=dataset(), override_model=tiny_model())
+    resumed.run()
+    assert resumed.trainer.n_training_steps == 12
+    assert same_weights(tmp_path / "a" / "out", tmp_path / "b" / "out")
+
+
+@pytest.mark.parametrize("config_class", ["MultiLayerSAERunnerConfig", "LanguageModelSAERunnerConfig"])
+def test_the_cli_path_and_the_saelens_config_path_train_the_same_sae(tmp_path, config_class) -> None:
+    TrainingRun(tiny_config(tmp_path / "cli", training_tokens=15 * 12), model=tiny_model(), splits=tiny_splits()).run()
+    if config_class == "MultiLayerSAERunnerConfig":
+        cfg = saelens_config(tmp_path)
+    else:  # SAELens' own class: the multi-layer options take their defaults
+        cfg = LanguageModelSAERunnerConfig(
+            sae=sae_config(), **SETTINGS, dead_feature_window=2,  # 2 steps x 15 tokens = 30 tokens
+            output_path=str(tmp_path / "out"), checkpoint_path=None, logger=LoggingConfig(log_to_wandb=False),
+        )
+    MultiLayerSAETrainingRunner(cfg, override_dataset=dataset(), override_model=tiny_model()).run()
+    assert same_weights(tmp_path / "cli", tmp_path / "out")
+
+
+def test_a_config_for_another_sae_or_model_size_is_refused(tmp_path) -> None:
+    from sae_lens import TopKTrainingSAEConfig
+
+    plain = LanguageModelSAERunnerConfig(sae=TopKTrainingSAEConfig(d_in=16, d_sae=64, k=4), **SETTINGS)
+    with pytest.raises(TypeError, match="MultiLayerTrainingSAEConfig"):
+        MultiLayerSAETrainingRunner(plain, override_dataset=dataset(), override_model=tiny_model())
+    wrong = saelens_config(tmp_path, sae=MultiLayerTrainingSAEConfig(d_in=16, d_sae=64, k=4, n_layers=3))
+    with pytest.raises(MLSAEError, match="n_layers=3, d_in=16 but the model tiny has n_layers=2"):
+        MultiLayerSAETrainingRunner(wrong, override_dataset=dataset(), override_model=tiny_model())
+    with pytest.raises(MLSAEError, match="prefetch_llm_batches is not supported"):
+        MultiLayerSAETrainingRunner(saelens_config(tmp_path, prefetch_llm_batches=True),
+                                    override_dataset=dataset(), override_model=tiny_model())
+
+
+def test_the_store_tokenizes_a_text_dataset_and_harvests_a_bridge_model(tmp_path) -> None:
+    """SAELens tokenizes and packs ``text`` rows itself; every layer of a TransformerBridge comes
+    from one forward; the run trains and resumes its position from a checkpoint."""
+    from mlsae_lens.models import load_model
+
+    model = load_model(str(save_tiny_causal_lm("llama", tmp_path / "llama")), device="cpu", backend="bridge")
+    text = Dataset.from_dict({"text": corpus_text(4).splitlines()})
+    cfg = saelens_config(tmp_path, sae=sae_config(), model_name="llama", is_dataset_tokenized=False,
+                         exclude_special_tokens=[model.tokenizer.eos_token_id], training_tokens=16 * 8,
+                         train_batch_size_tokens=16)
+    with pytest.warns(UserWarning, match="Dataset is not tokenized"):
+        store = MultiLayerActivationsStore.from_config(model, cfg, override_dataset=text)
+    first = store.next_batch()
+    assert first.shape == (16, 2, 16) and torch.isfinite(first).all()
+    position = (store.chunk, store.batch_in_chunk)
+    second = store.next_batch()
+    store.set_position(*position)  # what a checkpoint restores: the same batch again, bitwise
+    assert torch.equal(store.next_batch(), second)
+    with pytest.warns(UserWarning, match="Dataset is not tokenized"):
+        runner = MultiLayerSAETrainingRunner(cfg, override_dataset=text, override_model=model)
+    assert isinstance(runner.run(), MultiLayerTrainingSAE)
