@@ -1,5 +1,5 @@
-"""One SAE training step: the MLSAE (sparse and dense-reference paths), SAELens' TopK SAE, and
-the floor (the encoder matmul + top-k that any TopK SAE must do)."""
+"""One SAE training step: the MLSAE (its trainer's ``_train_step``, sparse and dense-reference
+paths), SAELens' TopK SAE, and the floor (the encoder matmul + top-k that any TopK SAE must do)."""
 
 from collections.abc import Callable
 
@@ -7,7 +7,9 @@ import torch
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
 
+from mlsae_lens.runner_config import MultiLayerSAERunnerConfig
 from mlsae_lens.sae import MultiLayerTrainingSAE, MultiLayerTrainingSAEConfig
+from mlsae_lens.trainer import MultiLayerSAETrainer
 
 DEAD_FRACTION = 0.1
 """Share of latents marked dead, so the AuxK path runs in both SAEs."""
@@ -32,25 +34,33 @@ def step_input(x: torch.Tensor, dead: torch.Tensor) -> TrainStepInput:
     return TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False)
 
 
+def mlsae_trainer(sae: MultiLayerTrainingSAE, batch_tokens: int, device: str) -> MultiLayerSAETrainer:
+    """The trainer ``mlsae-lens train`` uses, around ``sae``, without a data provider."""
+    cfg = MultiLayerSAERunnerConfig(sae=sae.cfg, training_tokens=10**12, train_batch_size_tokens=batch_tokens,
+                                    dead_tokens_threshold=10**12, device=device, verbose=False)
+    return MultiLayerSAETrainer(cfg.to_sae_trainer_config(), sae, data_provider=None, runner_cfg=cfg)
+
+
 def mlsae_step(d_in: int, d_sae: int, k: int, vectors: int, n_layers: int = 8, dense: bool = False,
                fused_adam: bool = True, dead_fraction: float = DEAD_FRACTION, device: str = "cpu") -> Callable[[], None]:
-    """The work of ``MultiLayerSAETrainingRunner.step``: forward, backward, radial-gradient
-    removal, Adam, decoder renormalization (``vectors`` = tokens × layers)."""
+    """``MultiLayerSAETrainer._train_step``, the step training runs: forward, backward, radial-gradient
+    removal, Adam, decoder renormalization, dead-latent counters (``vectors`` = tokens × layers).
+    The counters are reset before each step so that the same ``dead_fraction`` stays dead."""
     cfg = MultiLayerTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, n_layers=n_layers, device=device)
     sae = MultiLayerTrainingSAE(cfg).to(device)
     sae.dense = dense
     sae.matmul_dtype = gpu_matmul_dtype(device)
-    opt = make_adam(sae.parameters(), fused_adam)
+    trainer = mlsae_trainer(sae, vectors // n_layers, device)
+    if not fused_adam:
+        trainer.optimizer = make_adam(sae.parameters(), False)
+        trainer.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
     x = torch.randn(vectors // n_layers, n_layers, d_in, device=device)
     dead = dead_mask(d_sae, device, dead_fraction) if dead_fraction > 0 else torch.zeros(d_sae, dtype=torch.bool, device=device)
+    since_fired = torch.where(dead, 10**12, 0)
 
     def step() -> None:
-        out = sae.training_forward_pass(step_input(x, dead))
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        sae.remove_gradient_parallel_to_decoder_directions()
-        opt.step()
-        sae.set_decoder_norm_to_unit_norm()
+        trainer.tokens_since_fired.copy_(since_fired)
+        trainer._train_step(sae, x)
 
     return step
 

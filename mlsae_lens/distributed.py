@@ -10,8 +10,8 @@ one process with the same ``--batch-size-tokens``. Three things keep them exactl
   :func:`global_layer_variance`) over its *local* numerator; the local losses then sum to
   the single-process loss, so gradients are all-reduced with a **sum** (DDP's average of
   ``world_size × local loss`` is the same thing). AuxK uses the same denominators.
-* **dead-latent counters stay identical**: ``fired`` masks are all-reduced with MAX and the
-  token count is the global batch size.
+* **dead-latent counters stay identical**: per-latent firing counts are all-reduced with a sum
+  and the token count is the global batch size.
 * **the global batch is built identically on every rank**: the model forward passes of a
   chunk are dealt round-robin to the ranks and each result is broadcast from its owner
   (:meth:`MultiLayerActivationsStore.harvest_group`), so every rank shuffles the same chunk.

@@ -33,6 +33,7 @@ from mlsae_lens.distributed import (
     maybe_init_distributed,
     rank_device,
 )
+from mlsae_lens.errors import MLSAEError
 from mlsae_lens.memory import resolve_model_batch_size
 from mlsae_lens.run_dir import (
     RUN_FILE,
@@ -88,8 +89,6 @@ class TrainingRun:
         cfg = self.cfg = dataclasses.replace(cfg, model_batch_size=self.resolved_model_batch_size())
         self.splits = splits if splits is not None else cfg.load_token_splits(self.model.tokenizer)
         if self.splits.train.shape[0] == 0:
-            from mlsae_lens.errors import MLSAEError
-
             raise MLSAEError("the training split has no contexts; use a larger corpus")
         self.special_mask = special_token_mask(self.splits.train, self.model.tokenizer)
         if cfg.activation_cache is not None:
