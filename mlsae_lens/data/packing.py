@@ -5,6 +5,14 @@ stream cut into ``context_size`` rows (the ragged tail dropped, an optional BOS 
 row), and the per-context held-out choice. Both are deterministic and depend only on a row's
 position, which is what makes a smaller token budget select a prefix of the same split, so
 the split hashes recorded in old runs stay valid.
+
+Why not SAELens' ``concat_and_batch_sequences`` (its packer): it inserts the separator only
+inside a row, so a document that ends exactly on a row boundary loses its EOS (the next row
+starts with the next document), it skips empty documents (we keep their EOS), and it puts no
+BOS before a row whose first token already is BOS. On the embedded corpus the first case
+alone drops 17 separators at ``context_size=16`` (21,918 contexts instead of 21,935) and
+shifts every row from the first one (row 523) on, so the split hashes of existing runs would
+no longer match; it is also 1.6-9x slower there.
 """
 
 from __future__ import annotations
