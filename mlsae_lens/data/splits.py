@@ -89,7 +89,8 @@ def load_token_splits(
         test_fraction: Fraction of contexts held out, in (0, 1).
         max_tokens: Use at most this many tokens (``max_tokens // context_size`` contexts);
             required for hub datasets, which are streamed. None uses the whole source.
-        seed: Picks which evenly spread contexts are held out (see :func:`held_out_mask`).
+        seed: Picks which evenly spread contexts are held out (see
+            :func:`~mlsae_lens.data.packing.held_out_mask`).
         text_column: Column holding text in tables; guessed when None. Tables with an
             ``input_ids``/``tokens`` column are read as token ids unless this is given.
         prepend_bos: Start every context with the tokenizer's BOS.
