@@ -139,6 +139,16 @@ def test_pack_stream_cuts_exact_rows_and_drops_tail():
     assert pack_stream(stream, 11).shape == (0, 11)
 
 
+def test_separators_survive_row_boundaries_and_empty_documents():
+    """The EOS between documents is kept where SAELens' packer would drop it (see packing.py)."""
+    boundary = join_documents([[5, 6, 7], [8, 9, 10]], eos_id=2)  # doc 0 fills row 0 exactly
+    assert pack_stream(boundary, 3).tolist() == [[5, 6, 7], [2, 8, 9]]
+    assert pack_stream(boundary, 4, bos_id=1).tolist() == [[1, 5, 6, 7], [1, 2, 8, 9]]
+    assert join_documents([[5], [], [6]], eos_id=2).tolist() == [5, 2, 2, 6]
+    bos_in_text = torch.tensor([5, 6, 7, 1, 8, 9])
+    assert pack_stream(bos_in_text, 4, bos_id=1).tolist() == [[1, 5, 6, 7], [1, 1, 8, 9]]
+
+
 def test_text_directory_packs_with_eos_between_documents(tokenizer, tmp_path):
     source = _write_txt_dir(tmp_path / "docs", DOCS)
     splits = load_token_splits(str(source), tokenizer, context_size=8, test_fraction=0.25)
