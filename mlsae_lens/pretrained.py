@@ -34,8 +34,12 @@ def from_pretrained(
 
     Args:
         local_dir: already-downloaded ``config.json`` + ``model.safetensors`` (skips the hub).
-        lens: for a ``-lens`` SAE, the tuned lens it was trained with (see :func:`mlsae_lens.reference_checkpoint.read_lens`);
-            default: the ``-tfm`` checkpoint's own, else tuned-lens' pretrained lens from the hub.
+        lens: for a ``-lens`` SAE, the tuned lens it was trained with (see
+            :func:`mlsae_lens.reference_checkpoint.read_lens`); default: the ``-tfm`` checkpoint's
+            own, else tuned-lens' pretrained lens from the hub.
+
+    Unlike ``MultiLayerSAE.from_pretrained``, an unregistered release is an error here, not a
+    hand-over to SAELens' own registry.
     """
     sae = load_release(release, sae_id, local_dir=local_dir, device=device, lens=lens)
     assert isinstance(sae, MultiLayerSAE)

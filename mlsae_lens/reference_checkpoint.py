@@ -14,13 +14,13 @@ arguments (``expansion_factor``, ``k``, ``standardize``, ``tuned_lens``, ...), s
 read from the tensors. Only the SAE and lens tensors are read from such a file.
 
 Their math — standardize per vector, subtract ``pre_encoder_bias``, encode, top-k, ReLU,
-decode, add the bias back, de-standardize — is exactly a :class:`MultiLayerSAE` with
+decode, add the bias back, de-standardize — is exactly a :class:`~mlsae_lens.sae.MultiLayerSAE` with
 ``W_enc = encoder.weight.T``, ``b_enc = 0``, ``W_dec = decoder.weight.T``,
 ``b_dec = pre_encoder_bias`` and ``normalization = "standardize"`` (or ``none``) with
 ``standardize_convention = "reference"``: divide by ``std + eps``, multiply back by ``std``.
 
 ``-lens`` SAEs read ``translator_l(x_l) = x_l + W_l x_l + b_l`` of every layer, and standardize
-*after* the lens, which is the order of :meth:`MultiLayerSAE.normalize_input` (lens, then
+*after* the lens, which is the order of :meth:`~mlsae_lens.sae_mixin.MultiLayerMixin.normalize_input` (lens, then
 normalization). The translators become the SAE's ``lens_weight`` / ``lens_bias`` buffers with the
 **reference mapping: tuned-lens translator l on** ``blocks.{l}.hook_resid_post``. That matches
 how these checkpoints were trained, which is one block off tuned-lens' own convention (translator
@@ -60,6 +60,7 @@ REFERENCE_LENS_CONVENTION = (
 )
 TUNED_LENS_HUB = "https://huggingface.co/spaces/AlignmentResearch/tuned-lens/tree/main/lens"
 _TRANSLATOR_KEY = re.compile(r"^(?:lens\.)?(?:layer_translators\.)?(\d+)\.(weight|bias)$")
+
 
 # ---------------------------------------------------------------------------------------------
 # Pure conversion: reference tensors -> our cfg.json dict and state dict
