@@ -10,10 +10,10 @@ Inputs carry the layer axis second to last: ``[..., n_layers, d_in]``. Each (tok
 vector is a separate example for the same dictionary; only the normalization (``center``
 mode) knows which layer a vector came from.
 
-Only modules that import no SAELens at their top are imported at the top here (the others, the
-layer view and the release loader, inside the methods that need them): importing SAELens runs
-the registration hook of ``mlsae_lens/__init__.py``, which imports this module, and a module it
-imported halfway would be found half-initialized.
+Only modules that import no SAELens at their top are imported at the top here (the layer view
+inside :meth:`LayerViewMixin.layer_view`, the release registry inside ``from_pretrained``):
+importing SAELens runs the registration hook of ``mlsae_lens/__init__.py``, which imports this
+module, and a module this one imported halfway would then be found half-initialized.
 """
 
 from dataclasses import dataclass
@@ -164,8 +164,6 @@ class SavedMultiLayerTrainingSAEConfig(MultiLayerTrainingSAEConfig):
     standardize_convention: StandardizeConvention = "legacy"
 
 
-
-
 class LayerViewMixin:
     """:meth:`layer_view` for both SAE classes (kept out of :class:`MultiLayerMixin`, which the
     layer view itself builds on)."""
@@ -205,7 +203,7 @@ class MultiLayerSAE(LayerViewMixin, MultiLayerMixin, SAE[MultiLayerSAEConfig]):
         """A release from mlsae-lens' registry (``mlsae_lens/pretrained_saes.yaml``, incl. the
         paper's published checkpoints; ``lens=PATH`` gives a ``-lens`` SAE its tuned lens), else
         SAELens' own ``from_pretrained``."""
-        from mlsae_lens.releases import load_release, release_registry  # deferred: see top
+        from mlsae_lens.releases import load_release, release_registry  # deferred: the hub, yaml
 
         if release in release_registry():
             sae = load_release(release, sae_id, local_dir=local_dir, device=device, lens=kwargs.get("lens"))
