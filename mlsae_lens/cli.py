@@ -293,7 +293,7 @@ def add_train_lens_parser(sub: Any) -> None:
 
 
 def cmd_pretrained_list(args: argparse.Namespace) -> None:  # noqa: ARG001
-    from mlsae_lens.pretrained import format_registry_table
+    from mlsae_lens.releases import format_registry_table
 
     print(format_registry_table())
     print("\nEvery SAE id X is also available as X-tfm (the training module, with the lens of -lens SAEs).")

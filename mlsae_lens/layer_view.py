@@ -70,7 +70,7 @@ from mlsae_lens.normalization import (
 )
 
 if TYPE_CHECKING:
-    from mlsae_lens.sae import MultiLayerMixin
+    from mlsae_lens.sae_mixin import MultiLayerMixin
 
 logger = logging.getLogger(__name__)
 
@@ -434,7 +434,7 @@ def steering_hook(
     elif layer is None:
         raise MLSAEError("steering an MLSAE needs a layer; pass layer=l")
     else:
-        view = sae.layer_view(layer)
+        view = LayerViewSAE.from_mlsae(sae, layer)  # what sae.layer_view(layer) returns
     if not 0 <= latent < view.cfg.d_sae:
         raise MLSAEError(f"latent {latent} is out of range; use 0..{view.cfg.d_sae - 1}")
 

@@ -17,6 +17,9 @@ from safetensors import safe_open
 
 from mlsae_lens.errors import MLSAEError
 
+ARCHITECTURE = "multilayer_topk"
+"""The SAELens architecture name of an MLSAE's ``cfg.json`` (the classes: :mod:`mlsae_lens.sae`)."""
+
 
 def _shape(shape: Any) -> str:
     return "[" + ", ".join(str(int(n)) for n in shape) + "]"
@@ -166,3 +169,40 @@ def read_cfg(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MLSAEError(f"{cfg_file} is not a JSON object; the run directory is damaged")
     return data
+
+
+def load_mlsae_dir(path: Path, device: str = "cpu") -> Any:
+    """``SAE.load_from_disk`` of an MLSAE directory with clear messages for the usual ways it goes
+    wrong (pickles, missing files, another architecture, wrong shapes, damaged weights).
+
+    Returns the :class:`~mlsae_lens.sae.MultiLayerSAE` SAELens' registry builds; typed ``Any``
+    because this module sits below :mod:`mlsae_lens.sae` (which imports it).
+    """
+    from sae_lens import SAE
+
+    from mlsae_lens.checkpoint import check_not_pickle, refuse_pickles_instead_of_weights
+
+    path = Path(path)
+    cfg_file, weights_file = path / "cfg.json", path / "sae_weights.safetensors"
+    if not weights_file.exists():
+        refuse_pickles_instead_of_weights(path)
+    check_not_pickle(weights_file)  # safetensors would only call a pickle "corrupted"
+    if not cfg_file.exists() or not weights_file.exists():
+        raise MLSAEError(f"{path} holds no SAE (cfg.json + sae_weights.safetensors); pass an MLSAE directory")
+    cfg_dict = read_cfg(path)
+    architecture = cfg_dict.get("architecture")
+    if architecture != ARCHITECTURE:
+        raise MLSAEError(
+            f"{path} holds a SAELens SAE of architecture {architecture!r}, not an MLSAE "
+            f"({ARCHITECTURE!r}); load it with sae_lens.SAE.load_from_disk instead"
+        )
+    check_sae_dir(path, cfg_dict)  # names a wrong shape, missing tensor, int dtype or NaN
+    try:
+        return SAE.load_from_disk(path, device=device)
+    except MLSAEError:
+        raise
+    except Exception as exc:  # safetensors / torch raise several types for damaged files
+        raise MLSAEError(
+            f"could not load the SAE weights in {path} ({type(exc).__name__}: {exc}); the file is "
+            "truncated or corrupted — retrain or restore it from a checkpoint"
+        ) from exc

@@ -26,7 +26,7 @@ from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.data import TokenSplits
 from mlsae_lens.evals import evaluate_reconstruction
 from mlsae_lens.pipeline import load_sae
-from mlsae_lens.sae import scatter_topk
+from mlsae_lens.sae_mixin import scatter_topk
 from mlsae_lens.topk_contexts import valid_token_positions
 from mlsae_lens.run_training import TrainingRun
 from tiny import tiny_token_splits, tiny_transformer

@@ -32,7 +32,7 @@ from mlsae_lens.checkpoint import (
 )
 from mlsae_lens.cli import main
 from mlsae_lens.pipeline import load_sae
-from mlsae_lens.pretrained import read_reference_dir
+from mlsae_lens.reference_checkpoint import read_reference_dir
 
 PICKLE_MESSAGE = "is a pickle/torch.save file; mlsae-lens never unpickles"
 

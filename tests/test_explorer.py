@@ -336,7 +336,7 @@ def test_cli_explore_writes_a_page_holding_every_active_latent(analysed, capsys)
 
 
 def test_files_written_before_samples_still_open(analysed, tmp_path) -> None:
-    from mlsae_lens.analysis.layer_stats import read_safetensors, write_safetensors
+    from mlsae_lens.analysis.stats_files import read_safetensors, write_safetensors
 
     path = analysed / TOP_CONTEXTS_FILE
     tensors, meta = read_safetensors(path, "mlsae_lens.TopContexts/1")

@@ -22,7 +22,7 @@ from mlsae_lens import MLSAEError, MultiLayerSAE, MultiLayerSAEConfig
 from mlsae_lens.activations import resid_post_hook_names
 from mlsae_lens.layer_view import LayerViewSAE, LayerViewSAEConfig, steering_hook
 from mlsae_lens.normalization import NORMALIZATION_MODES, STANDARDIZE_EPS
-from mlsae_lens.sae import scatter_topk
+from mlsae_lens.sae_mixin import scatter_topk
 
 N_LAYERS, D_MODEL, D_SAE, K, VOCAB = 3, 16, 64, 4, 64
 BATCH, SEQ = 3, 8

@@ -9,13 +9,9 @@ from safetensors.torch import save_file
 from sae_lens import SAE
 
 from mlsae_lens import MLSAEError, MultiLayerSAE
-from mlsae_lens.pretrained import (
-    convert_to_run,
-    from_pretrained,
-    reference_disk_loader,
-    reference_huggingface_loader,
-    release_registry,
-)
+from mlsae_lens.pretrained import convert_to_run, from_pretrained
+from mlsae_lens.reference_checkpoint import reference_disk_loader
+from mlsae_lens.releases import reference_huggingface_loader, release_registry
 
 D_IN, D_SAE, K, N_LAYERS = 16, 64, 4, 6
 
@@ -271,7 +267,7 @@ def test_a_lens_for_another_model_is_refused(tmp_path) -> None:
 
 
 def test_registry_lists_lens_releases_with_their_pretrained_lens() -> None:
-    from mlsae_lens.pretrained import is_lens_sae_id, resolve_release
+    from mlsae_lens.releases import is_lens_sae_id, resolve_release
 
     for model in ("70m", "160m", "410m"):
         repo_id, entry = resolve_release(f"mlsae-pythia-{model}-deduped", "x64-k32-lens")

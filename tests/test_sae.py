@@ -23,7 +23,8 @@ from mlsae_lens.normalization import (
     renormalize,
 )
 from mlsae_lens.pipeline import load_sae
-from mlsae_lens.sae import decode_topk_rows, geometric_median, scatter_topk
+from mlsae_lens.sae import geometric_median
+from mlsae_lens.sae_mixin import decode_topk_rows, scatter_topk
 
 D_IN, D_SAE, K, N_LAYERS = 12, 48, 4, 3
 

@@ -17,26 +17,25 @@ remains for a single token. Everything follows from per-latent sums over tokens,
 ``O(n_latents * n_layers)``. Layer indices are 0-based (only ``E[L|J]`` depends on that).
 
 The published reference code (tim-lawson/mlsae) estimates these differently; for comparison with
-its figures this module also offers ``weighting="activation_mass"`` (its heatmaps) and
-:func:`reference_per_batch_ratios` (its ratios). The paper's definitions are the default.
+its figures mlsae-lens also offers ``weighting="activation_mass"`` (its heatmaps) and
+:func:`~mlsae_lens.analysis.reference_ratios.reference_per_batch_ratios` (its ratios). The paper's
+definitions are the default. This module holds the streaming accumulator; its result is
+:class:`~mlsae_lens.analysis.layer_result.LayerDistributionResult`.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
-from mlsae_lens.atomic import atomic_save_file
+from mlsae_lens.analysis.layer_result import LayerDistributionResult, item_or_nan, ratio_or_nan
+from mlsae_lens.analysis.stats_files import read_safetensors, write_safetensors
 from mlsae_lens.errors import MLSAEError
 
 Weighting = Literal["uniform_tokens", "activation_mass"]
@@ -49,103 +48,8 @@ SPARSE_CHUNK_ENTRIES = 1 << 16
 its temporaries stay below ~16 MiB whatever the batch size (CPU only; see there)."""
 
 
-@dataclass
-class LayerDistributionResult:
-    """Distributions over layers and the variances tied by the law of total variance.
-
-    Per-latent tensors are float64 on the CPU and NaN for never-active ("dead") latents. Scalars
-    are Python floats, NaN when undefined (no active latents, or a zero denominator, e.g. with a
-    single layer every variance is 0 and both ratios are NaN). Variances are in units of
-    layers squared and lie in ``[0, ((n_layers - 1) / 2) ** 2]``; the ratios lie in ``[0, 1]``.
-    """
-
-    weighting: str
-    """``"uniform_tokens"`` (the paper) or ``"activation_mass"`` (the reference code)."""
-    layer_given_latent: Tensor  # [n_latents, n_layers]
-    """P(L | J=j): each active row sums to 1."""
-    expected_layer: Tensor  # [n_latents]
-    """E[L | J=j] with 0-based layers: the heatmaps' sort key."""
-    var_layer_given_latent: Tensor  # [n_latents]
-    """Var(L | J=j): 0 for a latent that is only ever active at one layer."""
-    var_given_latent_token: Tensor  # [n_latents]
-    """E_T[Var(L | J=j, T)]: the spread left within single tokens."""
-    var_token_expected_layer: Tensor  # [n_latents]
-    """Var_T(E[L | J=j, T]): the spread explained by which token it is."""
-    latent_order: Tensor  # [n_active]
-    """Indices of active latents sorted by E[L|J] ascending (stable: ties keep index order)."""
-    layer_marginal: Tensor  # [n_layers]
-    """P(L): the mean over active latents of P(L | J)."""
-    var_layer: float
-    """Var(L)."""
-    mean_var_given_latent: float
-    """E[Var(L | J)]."""
-    var_expected_layer: float
-    """Var(E[L | J]) over active latents."""
-    mean_var_given_latent_token: float
-    """E[Var(L | J, T)] = mean over active latents of E_T[Var(L | J=j, T)]."""
-    mean_var_token_expected_layer: float
-    """E_J[Var_T(E[L | J, T])]."""
-    latent_ratio: float
-    """Eq. 11: E[Var(L|J)] / Var(L)."""
-    token_ratio: float
-    """Eq. 12: E[Var(L|J,T)] / E[Var(L|J)]."""
-    active_token_counts: Tensor  # [n_latents]
-    """Number of valid tokens where each latent is active at some layer."""
-    n_active_latents: int
-    n_dead_latents: int
-    """Latents never active on the tokens seen; they are left out of P(J)."""
-    n_tokens: int
-    """Valid (unmasked) tokens seen, whether or not any latent was active."""
-
-    @property
-    def total_variance_identity_lhs(self) -> float:
-        """Var(L), which equals :attr:`total_variance_identity_rhs` by the law of total variance."""
-        return self.var_layer
-
-    @property
-    def total_variance_identity_rhs(self) -> float:
-        """E[Var(L|J)] + Var(E[L|J])."""
-        return self.mean_var_given_latent + self.var_expected_layer
-
-    @property
-    def within_latent_identity_lhs(self) -> float:
-        """E_J[Var(L|J)]: the within-latent identity averaged over latents."""
-        return self.mean_var_given_latent
-
-    @property
-    def within_latent_identity_rhs(self) -> float:
-        """E_J[E_T[Var(L|J,T)] + Var_T(E[L|J,T])], which should equal the lhs."""
-        return self.mean_var_given_latent_token + self.mean_var_token_expected_layer
-
-    def to_dict(self) -> dict[str, Any]:
-        """Scalar metrics as JSON-able values (NaN becomes ``None``, which JSON can carry)."""
-        names = (
-            "var_layer",
-            "mean_var_given_latent",
-            "var_expected_layer",
-            "mean_var_given_latent_token",
-            "mean_var_token_expected_layer",
-            "latent_ratio",
-            "token_ratio",
-            "total_variance_identity_lhs",
-            "total_variance_identity_rhs",
-            "within_latent_identity_lhs",
-            "within_latent_identity_rhs",
-        )
-        out: dict[str, Any] = {name: _json_float(getattr(self, name)) for name in names}
-        out.update(
-            weighting=self.weighting,
-            n_layers=int(self.layer_marginal.shape[0]),
-            n_latents=int(self.active_token_counts.shape[0]),
-            n_active_latents=self.n_active_latents,
-            n_dead_latents=self.n_dead_latents,
-            n_tokens=self.n_tokens,
-        )
-        return out
-
-
 class LayerDistributionStats:
-    """Streaming sufficient statistics for :class:`LayerDistributionResult`.
+    """Streaming sufficient statistics for :class:`~mlsae_lens.analysis.layer_result.LayerDistributionResult`.
 
     Per latent ``j`` and token ``t`` where ``j`` is active, with token weight ``w_tj``:
     ``sum_p[j, l] = sum_t w_tj P(l|t,j)``, ``sum_expected_sq[j] = sum_t w_tj E[L|t,j]^2``,
@@ -395,9 +299,9 @@ class LayerDistributionStats:
         order = active_idx[torch.argsort(expected[active_idx], stable=True)]
         marginal = p_layer[active].mean(0)  # P(J) uniform over active latents
         mean_layer = marginal @ layers
-        var_layer = _item((marginal * (layers - mean_layer).square()).sum())
-        mean_var_given_latent = _item(var_given_latent[active].mean())
-        mean_var_token = _item(var_token[active].mean())
+        var_layer = item_or_nan((marginal * (layers - mean_layer).square()).sum())
+        mean_var_given_latent = item_or_nan(var_given_latent[active].mean())
+        mean_var_token = item_or_nan(var_token[active].mean())
         return LayerDistributionResult(
             weighting=self.weighting,
             layer_given_latent=p_layer,
@@ -409,11 +313,11 @@ class LayerDistributionStats:
             layer_marginal=marginal,
             var_layer=var_layer,
             mean_var_given_latent=mean_var_given_latent,
-            var_expected_layer=_item((expected[active] - mean_layer).square().mean()),
+            var_expected_layer=item_or_nan((expected[active] - mean_layer).square().mean()),
             mean_var_given_latent_token=mean_var_token,
-            mean_var_token_expected_layer=_item(var_token_expected[active].mean()),
-            latent_ratio=_ratio(mean_var_given_latent, var_layer),
-            token_ratio=_ratio(mean_var_token, mean_var_given_latent),
+            mean_var_token_expected_layer=item_or_nan(var_token_expected[active].mean()),
+            latent_ratio=ratio_or_nan(mean_var_given_latent, var_layer),
+            token_ratio=ratio_or_nan(mean_var_token, mean_var_given_latent),
             active_token_counts=counts.clone(),
             n_active_latents=int(active.sum()),
             n_dead_latents=int((~active).sum()),
@@ -441,91 +345,6 @@ def variance_ratios(
     return stats.compute()
 
 
-def reference_per_batch_ratios(
-    latent_acts_batches: Iterable[Tensor | tuple[Tensor, Tensor]],
-    n_latents: int | None = None,
-) -> dict[str, Any]:
-    """Eq. 11-12 ratios as the published reference code estimates them, for comparison.
-
-    This is the most literal reading of a description of what the reference (tim-lawson/mlsae)
-    does, not checked line by line against its source; use it only to compare with published
-    figures. For each batch (theirs hold 2048 tokens, special tokens
-    included) with ``N`` tokens and ``J`` latents:
-
-    * ``p_tj(l)`` is Eq. 10 for active (token, latent) pairs and 0 for inactive ones (NaN -> 0);
-    * ``q_j(l) = (1/N) sum_t p_tj(l)`` over *all* tokens, so it sums to the fraction of tokens
-      where ``j`` is active rather than to 1, and ``q(l) = (1/J) sum_j q_j(l)`` over *all*
-      latents, dead ones included;
-    * every variance is ``sum_l l^2 r(l) - (sum_l l r(l))^2`` of the un-renormalised ``r``
-      (0-based ``l``; unlike a true variance this depends on the layer offset);
-    * Var(L) from ``q``; E[Var(L|J)] the mean over all latents of that of ``q_j``;
-      E[Var(L|J,T)] the mean over all (token, latent) pairs of that of ``p_tj`` (0 if inactive);
-    * the two ratios are formed per batch and then averaged over batches (a ratio of means
-      would weigh batches differently).
-
-    Args:
-        latent_acts_batches: Dense ``[tokens, n_layers, n_latents]`` tensors, or top-k
-            ``(indices, values)`` pairs of ``[tokens, n_layers, k]`` tensors.
-        n_latents: The SAE's ``d_sae``; needed for top-k pairs, which do not show it.
-
-    Returns:
-        ``latent_ratio`` and ``token_ratio`` (means over batches), their per-batch lists
-        ``latent_ratios`` and ``token_ratios``, and ``n_batches``.
-    """
-    latent_ratios: list[float] = []
-    token_ratios: list[float] = []
-    for batch in latent_acts_batches:
-        if isinstance(batch, Tensor):
-            if batch.ndim != 3:
-                raise MLSAEError(
-                    f"A batch has shape {tuple(batch.shape)}; "
-                    "expected [tokens, n_layers, n_latents]."
-                )
-            stats = LayerDistributionStats(batch.shape[1], batch.shape[2], batch.device)
-            stats.update(batch)
-        else:
-            indices, values = batch
-            if n_latents is None:
-                raise MLSAEError(
-                    "reference_per_batch_ratios got top-k (indices, values) batches without "
-                    "n_latents: pass n_latents=d_sae (the reference averages over every latent)."
-                )
-            stats = LayerDistributionStats(indices.shape[1], n_latents, indices.device)
-            stats.update_sparse(indices, values)
-        latent_ratio, token_ratio = reference_batch_ratios(stats)
-        latent_ratios.append(latent_ratio)
-        token_ratios.append(token_ratio)
-    if not latent_ratios:
-        raise MLSAEError("reference_per_batch_ratios got no batches: pass at least one batch.")
-    return {
-        "latent_ratio": sum(latent_ratios) / len(latent_ratios),
-        "token_ratio": sum(token_ratios) / len(token_ratios),
-        "latent_ratios": latent_ratios,
-        "token_ratios": token_ratios,
-        "n_batches": len(latent_ratios),
-    }
-
-
-def reference_batch_ratios(stats: LayerDistributionStats) -> tuple[float, float]:
-    """The reference's ``(Eq. 11, Eq. 12)`` ratios of one batch accumulated in ``stats``
-    (uniform weighting), as :func:`reference_per_batch_ratios` describes; NaN if undefined."""
-    layers = torch.arange(stats.n_layers, dtype=torch.float64, device=stats.device)
-    q_latent = stats.sum_p / max(stats.n_tokens, 1)  # [J, L], rows sum to the active fraction
-    q = q_latent.mean(0)
-    var_layer = _raw_var(q, layers)
-    mean_var_latent = _raw_var(q_latent, layers).mean()
-    mean_var_token = stats.sum_var.sum() / (max(stats.n_tokens, 1) * stats.n_latents)
-    return (
-        _ratio(_item(mean_var_latent), _item(var_layer)),
-        _ratio(_item(mean_var_token), _item(mean_var_latent)),
-    )
-
-
-def _raw_var(r: Tensor, layers: Tensor) -> Tensor:
-    """``E[l^2] - E[l]^2`` of a possibly unnormalised distribution over the last dim."""
-    return r @ layers.square() - (r @ layers).square()
-
-
 # ---------------------------------------------------------------------- helpers
 
 
@@ -536,48 +355,3 @@ def _meta(stats: LayerDistributionStats) -> dict[str, Any]:
         "weighting": stats.weighting,
         "n_tokens_seen": stats.n_tokens,
     }
-
-
-def _item(x: Tensor) -> float:
-    return float(x.item()) if x.numel() else math.nan
-
-
-def _ratio(num: float, den: float) -> float:
-    """``num / den``, NaN where the denominator is 0 or NaN (the ratio is undefined)."""
-    return num / den if den > 0 else math.nan
-
-
-def _json_float(x: float) -> float | None:
-    return None if math.isnan(x) else float(x)
-
-
-def write_safetensors(
-    path: str | os.PathLike[str], tensors: dict[str, Tensor], fmt: str, meta: dict[str, Any]
-) -> None:
-    """Write ``tensors`` with ``{"format": fmt, "meta": json(meta)}`` in the header, atomically.
-
-    A temporary file in the target directory is renamed over ``path``, so a crash never leaves
-    a half-written file where a resumed analysis would look for one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    atomic_save_file(tensors, path, metadata={"format": fmt, "meta": json.dumps(meta)})
-
-
-def read_safetensors(
-    path: str | os.PathLike[str], fmt: str
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read a file written by :func:`write_safetensors`, checking its format tag."""
-    path = Path(path)
-    if not path.is_file():
-        raise MLSAEError(f"No statistics file at {path}: check the path (save() writes it).")
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-        if header.get("format") != fmt:
-            raise MLSAEError(
-                f"{path} holds {header.get('format')!r}, not {fmt!r}: load it with the class "
-                "that saved it."
-            )
-        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open API)
-    return tensors, json.loads(header["meta"])

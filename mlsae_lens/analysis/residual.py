@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mlsae_lens.analysis.layer_stats import read_safetensors, write_safetensors
+from mlsae_lens.analysis.stats_files import read_safetensors, write_safetensors
 from mlsae_lens.errors import MLSAEError
 
 _FORMAT = "mlsae_lens.ResidualNormStats/1"
