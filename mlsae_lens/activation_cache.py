@@ -26,7 +26,12 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from mlsae_lens.activations import check_finite, harvest_resid_post, valid_token_vectors
+from mlsae_lens.activations import (
+    check_finite,
+    context_order,
+    harvest_resid_post,
+    valid_token_vectors,
+)
 from mlsae_lens.checkpoint import atomic_save_file, atomic_write_json, check_not_pickle
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.memory import resolve_model_batch_size
@@ -64,7 +69,7 @@ def safe_member(root: Path, name: str) -> Path:
 def contexts_for_budget(order: Tensor, n_valid: Tensor, contexts_per_chunk: int, batch_size_tokens: int,
                         training_tokens: int) -> list[int]:
     """The contexts a run of ``training_tokens`` reads, in the order the store visits them
-    (``order``, :func:`mlsae_lens.activations_store.context_order`): whole chunks until their full
+    (``order``, :func:`mlsae_lens.activations.context_order`): whole chunks until their full
     batches cover the budget (every context after one pass). ``n_valid``: valid tokens per context."""
     needed: list[int] = []
     trained = 0
@@ -102,7 +107,6 @@ def write_activation_cache(
     contexts_per_shard: int = 256,
 ) -> Path:
     """Harvest the training split of ``cfg`` (a :class:`MultiLayerRunnerConfig`) into ``output``."""
-    from mlsae_lens.activations_store import context_order
     from mlsae_lens.data import special_token_mask
     from mlsae_lens.models import load_model
     from mlsae_lens.sources import resolve_device
@@ -181,8 +185,7 @@ class ActivationCache:
     def check_run(self, run_cfg: Any, model_cfg: Any, tokens: Tensor, special_mask: Tensor) -> None:
         """Refuse a cache written for another model, corpus or a smaller budget than ``run_cfg``'s
         (an ``mlsae-lens train`` config) on the training split ``tokens``."""
-        from mlsae_lens.activations_store import context_order
-
+    
         expected = {key: getattr(run_cfg, key) for key in MATCHED_FIELDS}
         expected.update(d_model=model_cfg.d_model, n_layers=model_cfg.n_layers)
         mismatched = mismatches(self.manifest, expected)

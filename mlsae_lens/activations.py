@@ -77,6 +77,16 @@ def harvest_resid_post(model: Any, tokens: Tensor) -> Tensor:
     return harvest_hooks(model, tokens, resid_post_hook_names(model.cfg.n_layers))
 
 
+def context_order(n_rows: int, seed: int) -> Tensor:
+    """The seeded permutation in which a map-style dataset's rows (contexts) are read in training."""
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
+
+
+def chunk_shuffle(n_vectors: int, seed: int, chunk: int) -> Tensor:
+    """The permutation of chunk ``chunk``'s vectors: depends on nothing but (seed, chunk)."""
+    return torch.randperm(n_vectors, generator=torch.Generator().manual_seed(seed * 1_000_003 + chunk))
+
+
 def check_finite(acts: Tensor, where: str) -> None:
     if not torch.isfinite(acts).all():
         raise MLSAEError(

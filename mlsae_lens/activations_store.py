@@ -44,7 +44,14 @@ from sae_lens.training.activations_store import _filter_buffer_acts
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from mlsae_lens.activations import check_finite, harvest_resid_post, resid_post_hook_names
+from mlsae_lens.activation_cache import ActivationCache
+from mlsae_lens.activations import (
+    check_finite,
+    chunk_shuffle,
+    context_order,
+    harvest_resid_post,
+    resid_post_hook_names,
+)
 from mlsae_lens.distributed import is_distributed
 from mlsae_lens.errors import MLSAEError
 
@@ -55,23 +62,13 @@ _ROWS_VS_TOKENS = "The training dataset contains fewer samples"
 _COPY_CONSTRUCT = "To copy construct from a tensor"
 
 
-def context_order(n_rows: int, seed: int) -> Tensor:
-    """The seeded permutation in which a map-style dataset's rows are read."""
-    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
-
-
-def chunk_shuffle(n_vectors: int, seed: int, chunk: int) -> Tensor:
-    """The permutation of chunk ``chunk``'s vectors: depends on nothing but (seed, chunk)."""
-    return torch.randperm(n_vectors, generator=torch.Generator().manual_seed(seed * 1_000_003 + chunk))
-
-
 class MultiLayerActivationsStore(ActivationsStore):
     """All-layer activations, shuffled in deterministic chunks (see the module docstring)."""
 
     n_layers: int
     seed: int
     contexts_per_chunk: int
-    cache: Any = None  # an mlsae_lens.activation_cache.ActivationCache when reading from disk
+    cache: ActivationCache | None = None  # set when reading an mlsae-lens activation cache
 
     @classmethod
     def from_config(cls, model: Any, cfg: Any, override_dataset: Any = None) -> "MultiLayerActivationsStore":
@@ -112,8 +109,6 @@ class MultiLayerActivationsStore(ActivationsStore):
             self.dataset = self.dataset.select(self.context_order.tolist())
             self.reset_sequences()
         if cache_dir is not None:
-            from mlsae_lens.activation_cache import ActivationCache
-
             if self.n_rows is None:
                 raise MLSAEError("an activation cache needs a pre-tokenized in-memory dataset "
                                  "(datasets.Dataset with input_ids rows) to map contexts to cached rows")
