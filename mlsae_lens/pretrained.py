@@ -428,7 +428,7 @@ def from_pretrained(
     repo_id, entry = resolve_release(release, sae_id)
     path = Path(local_dir) if local_dir is not None else download(repo_id)
     if entry["format"] == "sae_lens":
-        from mlsae_lens.pipeline import load_sae
+        from mlsae_lens.run_files import load_sae
 
         return load_sae(path, device)
     cfg, state = convert_reference_dir(

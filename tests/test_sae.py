@@ -22,7 +22,7 @@ from mlsae_lens.normalization import (
     normalize,
     renormalize,
 )
-from mlsae_lens.pipeline import load_sae
+from mlsae_lens.run_files import load_sae
 from mlsae_lens.sae import decode_topk_rows, geometric_median, scatter_topk
 
 D_IN, D_SAE, K, N_LAYERS = 12, 48, 4, 3
