@@ -139,7 +139,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> None:
-    from mlsae_lens.analyze import AnalysisOptions, analyze_run
+    from mlsae_lens.analysis_options import AnalysisOptions
+    from mlsae_lens.analyze import analyze_run
     from mlsae_lens.sources import resolve_device
 
     options = AnalysisOptions(
@@ -160,7 +161,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from mlsae_lens.analyze import compare_runs
+    from mlsae_lens.report_compare import compare_runs
 
     print(f"report: {compare_runs(args.runs, args.output)}")
 
@@ -177,7 +178,8 @@ def add_compare_parser(sub: Any) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from mlsae_lens.evals import EvalOptions, comparison_table, evaluate_run, format_table
+    from mlsae_lens.eval_run import EvalOptions, evaluate_run
+    from mlsae_lens.report_eval import comparison_table, format_table
     from mlsae_lens.sources import resolve_device
 
     options = EvalOptions(
@@ -345,7 +347,8 @@ def add_pretrained_parser(sub: Any) -> None:
 
 
 def cmd_explore(args: argparse.Namespace) -> None:
-    from mlsae_lens.explorer import explore_run, serve
+    from mlsae_lens.explorer import explore_run
+    from mlsae_lens.explorer_serve import serve
 
     path = explore_run(Path(args.run_dir), args.output, args.max_latents, args.contexts_per_layer)
     print(f"explorer: {path}")

@@ -11,10 +11,10 @@ ANALYZE_WEIGHTINGS = ("uniform_tokens", "activation_mass")
 """``mlsae_lens.analysis.layer_stats.WEIGHTINGS``."""
 
 ANALYZE_PROMPT = "When John and Mary went to the store, John gave"
-"""``mlsae_lens.analyze.DEFAULT_PROMPT``."""
+"""``mlsae_lens.analysis_prompt.DEFAULT_PROMPT``."""
 
 ANALYZE_DEFAULTS = SimpleNamespace(tokens=100_000, weighting="uniform_tokens", save_every_tokens=100_000, top_n=16)
-"""The fields of ``mlsae_lens.analyze.AnalysisOptions()`` that are flags with a default."""
+"""The fields of ``mlsae_lens.analysis_options.AnalysisOptions()`` that are flags with a default."""
 
 LENS_DEFAULTS = SimpleNamespace(steps=40, tokens_per_step=32, pool_tokens=2048, eval_tokens=256, lr_scale=1.0,
                                 momentum=0.9, weight_decay=1e-3, model_batch_size=None, seed=42)

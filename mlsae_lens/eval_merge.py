@@ -18,7 +18,7 @@ from mlsae_lens.atomic import atomic_file
 
 logger = logging.getLogger(__name__)
 
-# Per-method keys measured by the spliced (downstream) pass, see evals.downstream_scores.
+# Per-method keys measured by the spliced (downstream) pass, see eval_downstream.downstream_scores.
 DOWNSTREAM_KEYS = (
     "ce_loss_with_sae", "delta_ce", "kl_div_with_sae", "ce_loss_score", "ce_loss_score_mean_ablation",
     "kl_div_score", "kl_div_score_mean_ablation",

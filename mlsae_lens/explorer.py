@@ -1,243 +1,44 @@
 """The latent explorer: what each MLSAE latent responds to, layer by layer, offline.
 
-``mlsae-lens analyze`` collects, for every (latent, layer) pair, the top-N activating test tokens,
-a uniform sample of its active tokens and a histogram of its activations in its streaming pass
-(:class:`~mlsae_lens.activation_samples.LatentContexts`) and saves them to
-``top_contexts.safetensors`` beside ``stats.safetensors``, with the same progress, so
-``--resume`` continues both. When the pass ends the file is completed with what the explorer
-needs to stand alone, without the model or the corpus:
-
-* the test contexts that hold a collected or sampled token (token ids), so windows can be cut
-  at any width;
-* each decoder row's logit effects through the model's final norm (top 10 positive and
-  negative tokens with values; :func:`~mlsae_lens.topk_contexts.decoder_logit_lens`);
-* the strings of every token id it mentions.
-
-:class:`Explorer` reads it together with P(L|J), Var(L|J) and activation frequencies from
-``stats.safetensors`` (``Explorer.from_run(run_dir).top_contexts(latent, layer)`` in a
+:class:`Explorer` reads ``top_contexts.safetensors`` (collected by ``mlsae-lens analyze``, see
+:mod:`mlsae_lens.top_contexts_file`) together with P(L|J), Var(L|J) and activation frequencies
+from ``stats.safetensors`` (``Explorer.from_run(run_dir).top_contexts(latent, layer)`` in a
 notebook), and :meth:`Explorer.write_html` writes one self-contained page (inline JS and JSON
-data; no network; :mod:`mlsae_lens.explorer_page`) for ``mlsae-lens explore``.
+data; no network; :mod:`mlsae_lens.explorer_page`) for ``mlsae-lens explore``. Nothing here
+loads the model or the corpus.
 """
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
-from mlsae_lens.activation_samples import LatentContexts, quantile_of
-from mlsae_lens.analysis.layer_stats import read_safetensors, write_safetensors
+from mlsae_lens.activation_samples import quantile_of
+from mlsae_lens.analysis_state import AnalysisStats
 from mlsae_lens.atomic import atomic_write_text
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.explorer_page import render_page
-from mlsae_lens.topk_contexts import (
-    EMPTY_POSITION,
-    TopContexts,
-    co_appearing_latents,
-    decoder_logit_lens,
+from mlsae_lens.run_files import (
+    EXPLORER_FILE,
+    RUN_FILE,
+    STATS_FILE,
+    TOP_CONTEXTS_FILE,
+    check_run_dir,
 )
-
-if TYPE_CHECKING:
-    from mlsae_lens.analyze import AnalysisOptions, AnalysisStats
-    from mlsae_lens.models import LanguageModel
-    from mlsae_lens.sae import MultiLayerMixin
+from mlsae_lens.top_contexts_file import load_top_contexts
+from mlsae_lens.topk_contexts import EMPTY_POSITION, TopContexts, co_appearing_latents
 
 logger = logging.getLogger(__name__)
 
-TOP_CONTEXTS_FILE = "top_contexts.safetensors"
-EXPLORER_FILE = "explore.html"
-_FORMAT = "mlsae_lens.TopContexts/1"
-_IDENTITY = ("test_sha256", "sae_sha256", "tokens_target")
-LOGIT_LENS_TOKENS = 10
-SAMPLES_PER_LAYER = 8
-"""Quantile samples kept per (latent, layer) (:mod:`mlsae_lens.activation_samples`)."""
-LOGIT_EFFECTS = (
-    "(ln_final(d_j) - ln_final(0)) @ W_U minus its mean over the vocabulary, "
-    "for the unit decoder row d_j (the logits of a unit-RMS residual along d_j, through the "
-    "model's final norm; the same for folded and unfolded norms)"
-)
 DEFAULT_WINDOW = (12, 4)
 """Tokens shown before and after the activating token (cut at the context's edges)."""
-
-
-# ---------------------------------------------------------------------- the file
-
-
-def _read_meta(path: Path) -> dict[str, Any] | None:
-    """The JSON metadata of a top-contexts file, or ``None`` if absent or not one."""
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except Exception:  # a damaged file is rewritten or reported by its reader
-        return None
-    if header.get("format") != _FORMAT:
-        return None
-    return json.loads(header["meta"])
-
-
-def _top_meta(
-    contexts: LatentContexts, progress: dict[str, Any], complete: bool
-) -> dict[str, Any]:
-    return {
-        **contexts.meta(),
-        "identity": {key: progress.get(key) for key in _IDENTITY},
-        "complete": complete,
-    }
-
-
-def save_partial_top_contexts(
-    path: Path, contexts: LatentContexts, progress: dict[str, Any]
-) -> None:
-    """Save the tables mid-analysis (called with every save of ``stats.safetensors``).
-
-    Nothing is written when the file already holds these tokens (the centered pass saves the
-    statistics again but leaves the tables alone), so a completed file is never downgraded.
-    """
-    meta = _read_meta(path)
-    if meta is not None and meta.get("n_tokens") == contexts.n_tokens:
-        return
-    write_safetensors(path, contexts.tensors(), _FORMAT, _top_meta(contexts, progress, False))
-
-
-_TABLES = (
-    "values", "positions", "sample_priority", "sample_positions", "sample_values", "hist_counts"
-)
-
-
-def load_top_contexts(path: Path) -> tuple[LatentContexts, dict[str, Tensor], dict[str, Any]]:
-    """The tables, the other tensors of a completed file, and the metadata."""
-    try:
-        tensors, meta = read_safetensors(path, _FORMAT)
-        contexts = LatentContexts.from_saved(tensors, meta)
-    except MLSAEError:
-        raise
-    except Exception as exc:  # safetensors / json raise their own types
-        raise MLSAEError(
-            f"{path} is damaged ({type(exc).__name__}: {exc}); rerun `mlsae-lens analyze` with "
-            "--overwrite"
-        ) from exc
-    extra = {k: v for k, v in tensors.items() if k not in _TABLES}
-    return contexts, extra, meta
-
-
-def start_or_resume_top_contexts(
-    run_dir: Path, stats: AnalysisStats, options: AnalysisOptions, sae: MultiLayerMixin
-) -> LatentContexts | None:
-    """Fresh tables for a fresh analysis, the saved ones for a resumed one, or ``None``.
-
-    A fresh analysis deletes an older ``top_contexts.safetensors`` (it described other tokens
-    or another SAE). A resumed one must find tables in step with the statistics.
-    """
-    path = run_dir / TOP_CONTEXTS_FILE
-    phase = stats.progress.get("phase")
-    if phase == "latents" and stats.layer.n_tokens == 0:
-        path.unlink(missing_ok=True)
-        if not options.collect_top_contexts:
-            return None
-        return LatentContexts(
-            sae.cfg.d_sae, sae.cfg.n_layers, options.top_n, SAMPLES_PER_LAYER, sae.W_enc.device
-        )
-    if not options.collect_top_contexts:
-        return None
-    if not path.is_file():
-        if phase == "latents":
-            raise MLSAEError(
-                f"--resume: {run_dir} holds a partial analysis without {TOP_CONTEXTS_FILE}; "
-                "pass --no-top-contexts to resume it without them, or --overwrite to start over"
-            )
-        logger.warning("%s is missing, so this analysis has no top contexts", path)
-        return None
-    contexts, _, meta = load_top_contexts(path)
-    top = contexts.top
-    for key, value in meta["identity"].items():
-        if stats.progress.get(key) != value:
-            raise MLSAEError(
-                f"--resume: {path} was collected with {key}={value!r}, not "
-                f"{stats.progress.get(key)!r}; pass --overwrite to start over"
-            )
-    if top.top_n != options.top_n:
-        raise MLSAEError(
-            f"--resume: {path} keeps the top {top.top_n} tokens, not {options.top_n}; pass "
-            f"--top-n {top.top_n}, or --overwrite to start over"
-        )
-    if top.n_tokens != stats.layer.n_tokens:
-        raise MLSAEError(
-            f"--resume: {path} holds {top.n_tokens} tokens but stats.safetensors "
-            f"{stats.layer.n_tokens} (the analysis stopped between the two saves); pass "
-            "--overwrite to start over, or --no-top-contexts to resume without them"
-        )
-    return LatentContexts.from_saved(contexts.tensors(), contexts.meta(), sae.W_enc.device)
-
-
-def _token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
-    if tokenizer is None:
-        return [f"<{i}>" for i in ids]
-    if hasattr(tokenizer, "batch_decode"):
-        return list(tokenizer.batch_decode([[i] for i in ids]))
-    return [tokenizer.decode([i]) for i in ids]
-
-
-@torch.inference_mode()
-def finalize_top_contexts(
-    run_dir: Path,
-    contexts: LatentContexts,
-    progress: dict[str, Any],
-    model: LanguageModel,
-    sae: MultiLayerMixin,
-    test: Tensor,
-) -> Path:
-    """Complete ``top_contexts.safetensors`` so the explorer needs neither model nor corpus:
-    add the referenced test contexts, the logit effects and the token strings."""
-    path = run_dir / TOP_CONTEXTS_FILE
-    meta = _read_meta(path)
-    top = contexts.top
-    if meta is not None and meta.get("complete") and meta.get("n_tokens") == top.n_tokens:
-        return path
-    positions = top.positions.cpu().reshape(-1)
-    if contexts.samples is not None:
-        positions = torch.cat([positions, contexts.samples.positions.cpu().reshape(-1)])
-    context_size = test.shape[1]
-    context_ids = torch.unique(positions[positions != EMPTY_POSITION] // context_size)
-    context_tokens = test[context_ids].to(torch.int32)
-    lens = decoder_logit_lens(
-        sae.W_dec.detach(), model.W_U.detach(), LOGIT_LENS_TOKENS, final_norm=model.ln_final
-    )
-    vocab_ids = torch.unique(
-        torch.cat([context_tokens.reshape(-1).long(), lens[0].reshape(-1), lens[2].reshape(-1)])
-    )
-    strings = _token_strings(model.tokenizer, vocab_ids.tolist())
-    tensors = {
-        **contexts.tensors(),
-        "context_ids": context_ids,
-        "context_tokens": context_tokens,
-        "lens_top_ids": lens[0].to(torch.int32),
-        "lens_top_values": lens[1],
-        "lens_bottom_ids": lens[2].to(torch.int32),
-        "lens_bottom_values": lens[3],
-        "vocab_ids": vocab_ids,
-    }
-    meta = {
-        **_top_meta(contexts, progress, True),
-        "context_size": context_size,
-        "vocab_strings": strings,
-        "logit_lens": LOGIT_EFFECTS,
-    }
-    write_safetensors(path, tensors, _FORMAT, meta)
-    logger.info("saved the top %d contexts of every latent and layer to %s", top.top_n, path)
-    return path
-
-
-# ---------------------------------------------------------------------- the explorer
 
 
 @dataclass
@@ -278,10 +79,8 @@ class Explorer:
             run_dir: A run directory that ``mlsae-lens analyze`` has processed.
             window: Tokens shown before and after the activating one.
         """
-        from mlsae_lens.analyze import STATS_FILE, AnalysisStats, _check_run_dir
-
         run_dir = Path(run_dir)
-        _check_run_dir(run_dir)
+        check_run_dir(run_dir)
         path = run_dir / TOP_CONTEXTS_FILE
         if not path.is_file():
             raise MLSAEError(
@@ -305,7 +104,7 @@ class Explorer:
         result = stats.layer.compute()
         context_ids = extra["context_ids"].tolist()
         try:
-            model_name = json.loads((run_dir / "run.json").read_text()).get("model_name", "")
+            model_name = json.loads((run_dir / RUN_FILE).read_text()).get("model_name", "")
         except json.JSONDecodeError:
             model_name = ""
         return cls(
@@ -609,51 +408,4 @@ def explore_run(
     return explorer.write_html(output or run_dir / EXPLORER_FILE, max_latents, contexts_per_layer)
 
 
-def page_server(path: str | Path, port: int = 8000) -> http.server.ThreadingHTTPServer:
-    """An HTTP server on 127.0.0.1 that answers ``/`` and ``/NAME`` with the page at ``path``
-    and 404 with anything else (so no other file of the run directory is reachable)."""
-    path = Path(path).resolve()
-    body = path.read_bytes()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server API)
-            if self.path.split("?")[0] not in ("/", f"/{path.name}"):
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            logger.debug(format, *args)
-
-    try:
-        return http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    except OSError as exc:
-        raise MLSAEError(f"cannot serve on 127.0.0.1:{port} ({exc}); pass another --port") from exc
-
-
-def serve(path: str | Path, port: int = 8000) -> None:
-    """Serve the page on http://127.0.0.1:PORT/ until Ctrl-C."""
-    server = page_server(path, port)
-    logger.info("serving %s at http://127.0.0.1:%d/ (Ctrl-C to stop)", path, server.server_port)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-
-
-__all__ = [
-    "EXPLORER_FILE",
-    "TOP_CONTEXTS_FILE",
-    "Explorer",
-    "explore_run",
-    "finalize_top_contexts",
-    "load_top_contexts",
-    "save_partial_top_contexts",
-    "page_server",
-    "serve",
-    "start_or_resume_top_contexts",
-]
+__all__ = ["DEFAULT_WINDOW", "Explorer", "explore_run"]

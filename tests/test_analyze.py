@@ -12,20 +12,18 @@ from transformer_lens import HookedTransformer
 from mlsae_lens import MLSAEError
 from mlsae_lens.activations import harvest_resid_post, valid_token_vectors
 from mlsae_lens.analysis import reference_per_batch_ratios, variance_ratios
-from mlsae_lens.analyze import (
-    AnalysisOptions,
-    AnalysisStats,
-    analyze_prompt,
-    analyze_run,
-    build_run_report,
-    compare_runs,
-)
+from mlsae_lens.analysis_options import AnalysisOptions
+from mlsae_lens.analysis_prompt import analyze_prompt
+from mlsae_lens.analysis_state import AnalysisStats
+from mlsae_lens.analyze import analyze_run
 from mlsae_lens.checkpoint import atomic_write_json
 from mlsae_lens.cli import main
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.data import TokenSplits
 from mlsae_lens.evals import evaluate_reconstruction
-from mlsae_lens.pipeline import load_sae
+from mlsae_lens.report_compare import compare_runs
+from mlsae_lens.run_files import load_sae
+from mlsae_lens.run_report import build_run_report
 from mlsae_lens.sae_mixin import scatter_topk
 from mlsae_lens.topk_contexts import valid_token_positions
 from mlsae_lens.run_training import TrainingRun

@@ -31,8 +31,8 @@ from mlsae_lens.checkpoint import (
     write_checkpoint,
 )
 from mlsae_lens.cli import main
-from mlsae_lens.pipeline import load_sae
 from mlsae_lens.reference_checkpoint import read_reference_dir
+from mlsae_lens.run_files import load_sae
 
 PICKLE_MESSAGE = "is a pickle/torch.save file; mlsae-lens never unpickles"
 

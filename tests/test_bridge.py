@@ -19,7 +19,7 @@ from mlsae_lens.activations import harvest_resid_post, resid_post_hook_names
 from mlsae_lens.bridge import is_bridge
 from mlsae_lens.cli import main
 from mlsae_lens.errors import MLSAEError
-from mlsae_lens.evals import clean_run, logits_from_layer
+from mlsae_lens.eval_downstream import clean_run, logits_from_layer
 from mlsae_lens.layer_view import steering_hook
 from mlsae_lens.lens import harvest_hidden_states, lens_for_model
 from mlsae_lens.models import load_model, model_provenance

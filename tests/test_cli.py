@@ -84,7 +84,7 @@ def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys) -> Non
 
 def test_an_sae_whose_shape_does_not_fit_the_model_is_refused(embedded_model) -> None:
     from mlsae_lens import MLSAEError, MultiLayerSAEConfig
-    from mlsae_lens.pipeline import check_sae_fits_model
+    from mlsae_lens.run_files import check_sae_fits_model
 
     sae = MultiLayerSAE(MultiLayerSAEConfig(d_in=64, d_sae=128, k=4, n_layers=6))
     with pytest.raises(MLSAEError, match="d_in=64 over n_layers=6.*d_model=576 and n_layers=30"):

@@ -244,7 +244,8 @@ def test_importing_the_package_then_sae_lens_registers_the_architectures() -> No
 def test_the_light_copies_of_defaults_and_choices_agree_with_their_modules() -> None:
     from mlsae_lens import cli_defaults
     from mlsae_lens.analysis.layer_stats import WEIGHTINGS
-    from mlsae_lens.analyze import DEFAULT_PROMPT, AnalysisOptions
+    from mlsae_lens.analysis_options import AnalysisOptions
+    from mlsae_lens.analysis_prompt import DEFAULT_PROMPT
     from mlsae_lens.baselines import BASELINES
     from mlsae_lens.lens import LensTrainingConfig
     from mlsae_lens.normalization import NORMALIZATION_MODES as modes

@@ -16,23 +16,19 @@ from mlsae_lens.baselines import PCABaseline, fold_normalization
 from mlsae_lens.cli import main
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.data import TokenSplits
-from mlsae_lens.evals import (
+from mlsae_lens.eval_downstream import (
     MEAN_ABLATION,
     ZERO_ABLATION,
-    CodeStats,
-    EvalOptions,
-    ReconstructionStats,
     clean_run,
     cross_entropy,
-    evaluate_methods,
-    evaluate_run,
-    frequency_histogram,
     next_token_log_probs,
-    parse_layers,
     prediction_mask,
     splice,
     spliced_losses,
 )
+from mlsae_lens.eval_methods import CodeStats, evaluate_methods, frequency_histogram
+from mlsae_lens.eval_run import EvalOptions, evaluate_run, parse_layers
+from mlsae_lens.evals import ReconstructionStats
 from mlsae_lens.normalization import renormalize
 from mlsae_lens.run_training import TrainingRun
 from tiny import EosTokenizer, tiny_token_splits, tiny_transformer

@@ -26,8 +26,9 @@ from test_analyze import (  # the tiny model, its test split and a run trained o
 from mlsae_lens import MLSAEError
 from mlsae_lens.activation_samples import N_BINS, bin_index, sample_priority
 from mlsae_lens.cli import main
-from mlsae_lens.explorer import TOP_CONTEXTS_FILE, Explorer, load_top_contexts
-from mlsae_lens.pipeline import load_sae
+from mlsae_lens.explorer import Explorer
+from mlsae_lens.run_files import TOP_CONTEXTS_FILE, load_sae
+from mlsae_lens.top_contexts_file import load_top_contexts
 from mlsae_lens.topk_contexts import (
     TopContexts,
     co_appearing_latents,
@@ -427,7 +428,7 @@ def test_page_server_answers_the_page_on_localhost_only(analysed, tmp_path) -> N
     import urllib.error
     import urllib.request
 
-    from mlsae_lens.explorer import page_server
+    from mlsae_lens.explorer_serve import page_server
 
     page = Explorer.from_run(analysed).write_html(tmp_path / "explore.html")
     server = page_server(page, port=0)  # any free port

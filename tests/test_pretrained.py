@@ -294,7 +294,7 @@ def test_pretrained_list_prints_the_registry(capsys) -> None:
 def test_pretrained_convert_writes_a_run_directory_that_loads_back(tmp_path, capsys) -> None:
     from mlsae_lens.cli import main
     from mlsae_lens.config import MultiLayerRunnerConfig
-    from mlsae_lens.pipeline import load_sae
+    from mlsae_lens.run_files import load_sae
 
     weight, bias = lens_translators()
     write_tfm_checkpoint(tmp_path / "ref", weight, bias)
@@ -354,7 +354,8 @@ class CharTokenizer:
 
 
 def test_a_converted_lens_run_is_analysed_like_a_trained_one(tmp_path) -> None:
-    from mlsae_lens.analyze import AnalysisOptions, analyze_run
+    from mlsae_lens.analysis_options import AnalysisOptions
+    from mlsae_lens.analyze import analyze_run
     from tiny import tiny_token_splits, tiny_transformer
 
     weight, bias = lens_translators()

@@ -184,7 +184,7 @@ def test_train_takes_overwrite_and_defaults_to_a_fresh_output_dir() -> None:
 
 
 def test_eval_or_analyze_on_a_changed_corpus_is_refused_naming_both_hashes(tmp_path, tiny_model, monkeypatch) -> None:
-    from mlsae_lens.pipeline import load_run
+    from mlsae_lens.run_files import load_run
 
     run(config(tmp_path), tiny_model)
     old = hashed_splits().provenance["train_sha256"]

@@ -22,7 +22,7 @@ from mlsae_lens.normalization import (
     normalize,
     renormalize,
 )
-from mlsae_lens.pipeline import load_sae
+from mlsae_lens.run_files import load_sae
 from mlsae_lens.sae import geometric_median
 from mlsae_lens.sae_mixin import decode_topk_rows, scatter_topk
 

@@ -224,7 +224,7 @@ def test_per_layer_saelens_baseline_of_a_tuned_lens_run_trains_in_the_model_basi
     from mlsae_lens.activations import estimate_layer_means
     from mlsae_lens.baselines import model_basis_layer_means
     from mlsae_lens.data import special_token_mask
-    from mlsae_lens.evals import EvalOptions, evaluate_run
+    from mlsae_lens.eval_run import EvalOptions, evaluate_run
 
     save_lens(known_lens(tiny_model), tmp_path / "lens")
     cfg = MultiLayerRunnerConfig(
