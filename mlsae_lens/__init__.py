@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 from mlsae_lens.errors import MLSAEError
 
 if TYPE_CHECKING:
+    from mlsae_lens.activations_store import MultiLayerActivationsStore
     from mlsae_lens.layer_view import LayerViewSAE, LayerViewSAEConfig, steering_hook
+    from mlsae_lens.runner_config import MultiLayerSAERunnerConfig
     from mlsae_lens.sae import (
         ARCHITECTURE,
         MultiLayerSAE,
@@ -26,8 +28,6 @@ if TYPE_CHECKING:
         MultiLayerTrainingSAEConfig,
         TopKOutput,
     )
-    from mlsae_lens.activations_store import MultiLayerActivationsStore
-    from mlsae_lens.runner_config import MultiLayerSAERunnerConfig
     from mlsae_lens.trainer import MultiLayerSAETrainer
     from mlsae_lens.training import MultiLayerSAETrainingRunner
 
@@ -100,6 +100,7 @@ elif not any(isinstance(f, _RegisterAfterSAELens) for f in sys.meta_path):
     sys.meta_path.insert(0, _RegisterAfterSAELens())
 
 __all__ = [
+    "ARCHITECTURE",
     "LayerViewSAE",
     "LayerViewSAEConfig",
     "MLSAEError",

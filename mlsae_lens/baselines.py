@@ -179,7 +179,6 @@ def train_saelens_per_layer(
     sae: MultiLayerMixin,
     model: LanguageModel,
     train_tokens: Tensor,
-    train_special_mask: Tensor,
     cfg: MultiLayerRunnerConfig,
     layers: Sequence[int],
     out_dir: Path,
@@ -192,7 +191,8 @@ def train_saelens_per_layer(
     Args:
         sae: The run's MLSAE (its normalization, width and k are copied).
         model: The run's model.
-        train_tokens: The run's training split ``[contexts, ctx]``; ``train_special_mask`` its mask.
+        train_tokens: The run's training split ``[contexts, ctx]`` (read through the run's own
+            activations store: same contexts, order, shuffle and special-token exclusion).
         cfg: The run's config (batch size, lr, Adam betas, dead-latent window, seed).
         layers: Layers to train an SAE for.
         out_dir: Where the SAEs go.

@@ -152,7 +152,6 @@ def evaluate_run(
         load_per_layer_saes,
         train_saelens_per_layer,
     )
-    from mlsae_lens.data import special_token_mask
 
     options = options or EvalOptions()
     run_dir = Path(run_dir)
@@ -181,8 +180,7 @@ def evaluate_run(
         )
         if saes is None:
             info = train_saelens_per_layer(
-                sae, model, splits.train, special_token_mask(splits.train, model.tokenizer),
-                cfg, layers, out_dir, options.baseline_training_tokens, device,
+                sae, model, splits.train, cfg, layers, out_dir, options.baseline_training_tokens, device,
             )
             saes = load_per_layer_saes(out_dir, layers, sae.cfg.d_sae, sae.cfg.k, device)
             assert saes is not None
