@@ -1,13 +1,13 @@
-"""All-layer residual activations: harvest, mask, shuffle.
+"""All-layer residual activations: one forward, every ``hook_resid_post``, special tokens dropped.
 
-One forward pass per batch of contexts caches ``blocks.{l}.hook_resid_post`` for every
-layer and stops before the unembedding. Every (token, layer) vector is an SAE example; a
-token's layers travel together as one ``[n_layers, d_in]`` row so the loss can be taken
-per layer. Special-token positions (BOS/EOS/pad) are dropped, not zeroed.
-
-The stream is deterministic given ``(seed, chunk index)``, which is what makes
-``--resume`` end bitwise equal to an uninterrupted run: a resumed run re-harvests the
-chunk it stopped in and skips the batches it already used.
+One forward pass per batch of contexts writes ``blocks.{l}.hook_resid_post`` of every layer
+into one tensor and stops before the unembedding. Every (token, layer) vector is an SAE
+example; a token's layers travel together as one ``[n_layers, d_in]`` row so the loss can be
+taken per layer. Special-token positions (BOS/EOS/pad) are dropped, not zeroed. The seeded
+orders here (:func:`context_order`, :func:`chunk_shuffle`) make the training stream
+deterministic given ``(seed, chunk)``, which is what lets ``--resume`` end bitwise equal to an
+uninterrupted run; training reads them through
+:class:`mlsae_lens.activations_store.MultiLayerActivationsStore`.
 """
 
 from typing import Any

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from mlsae_lens.atomic import staging_dir
+from mlsae_lens.atomic import atomic_write_text, staging_dir
 from mlsae_lens.checkpoint import atomic_save_sae, atomic_write_json
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.reference_checkpoint import REFERENCE_LENS_CONVENTION
@@ -155,7 +155,7 @@ def save_pretrained(sae: MultiLayerSAE, path: str | Path, name: str | None = Non
         name=name or path.name, model=cfg.metadata.model_name, k=cfg.k, d_sae=cfg.d_sae,
         d_in=cfg.d_in, n_layers=cfg.n_layers, normalization=cfg.normalization,
     )
-    (path / "README.md").write_text(card)
+    atomic_write_text(path / "README.md", card)
     return path
 
 
