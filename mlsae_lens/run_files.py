@@ -13,10 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sae_lens import SAE
-
 from mlsae_lens.checkpoint import (
-    check_not_pickle,
     list_checkpoints,
     refuse_pickles_instead_of_weights,
 )
@@ -25,7 +22,7 @@ from mlsae_lens.errors import MLSAEError
 from mlsae_lens.models import LanguageModel, load_model
 from mlsae_lens.run_dir import RUN_FILE, SPLITS_FILE, check_same_corpus, load_run_config
 from mlsae_lens.sae import MultiLayerSAE
-from mlsae_lens.sae_files import check_sae_dir, read_cfg
+from mlsae_lens.sae_files import load_mlsae_dir
 
 logger = logging.getLogger(__name__)
 
@@ -109,32 +106,15 @@ def read_json(path: Path) -> Any:
 
 
 def load_sae(path: Path, device: str = "cpu") -> MultiLayerSAE:
-    """``SAE.load_from_disk`` with clear messages for the usual ways it goes wrong."""
+    """A run directory's SAE (:func:`mlsae_lens.sae_files.load_mlsae_dir`); a run without its final
+    SAE is named as an unfinished training with the command that continues it."""
     path = Path(path)
-    cfg_file, weights_file = path / CFG_FILE, path / WEIGHTS_FILE
+    weights_file = path / WEIGHTS_FILE
     if not weights_file.exists():
         refuse_pickles_instead_of_weights(path)
-    check_not_pickle(weights_file)  # safetensors would only call a pickle "corrupted"
-    if not cfg_file.exists() or not weights_file.exists():
+    if not (path / CFG_FILE).exists() or not weights_file.exists():
         refuse_unfinished_run(path)
-        raise MLSAEError(f"{path} holds no SAE (cfg.json + sae_weights.safetensors); pass a run directory")
-    cfg_dict = read_cfg(path)
-    architecture = cfg_dict.get("architecture")
-    if architecture != "multilayer_topk":
-        raise MLSAEError(
-            f"{path} holds a SAELens SAE of architecture {architecture!r}, not an MLSAE "
-            "('multilayer_topk'); load it with sae_lens.SAE.load_from_disk instead"
-        )
-    check_sae_dir(path, cfg_dict)  # names a wrong shape, missing tensor, int dtype or NaN
-    try:
-        sae = SAE.load_from_disk(path, device=device)
-    except MLSAEError:
-        raise
-    except Exception as exc:  # safetensors / torch raise several types for damaged files
-        raise MLSAEError(
-            f"could not load the SAE weights in {path} ({type(exc).__name__}: {exc}); the file is "
-            "truncated or corrupted — retrain or restore it from a checkpoint"
-        ) from exc
+    sae = load_mlsae_dir(path, device)
     assert isinstance(sae, MultiLayerSAE)
     return sae
 
