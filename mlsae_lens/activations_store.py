@@ -179,7 +179,13 @@ class MultiLayerActivationsStore(ActivationsStore):
         """The next ``n`` contexts ``[n, context_size]`` through SAELens' ``get_batch_tokens``."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_COPY_CONSTRUCT)
-            tokens = self.get_batch_tokens(batch_size=n, move_to_model_device=False)
+            try:
+                tokens = self.get_batch_tokens(batch_size=n, move_to_model_device=False)
+            except StopIteration:  # SAELens restarts the epoch once; an empty one ends it
+                raise MLSAEError(
+                    f"the dataset holds no context of {self.context_size} tokens (its text is shorter, or "
+                    "every row is empty); use more text or a smaller context_size"
+                ) from None
         self._next_sequence += n
         return tokens
 

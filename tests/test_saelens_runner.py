@@ -136,3 +136,15 @@ def test_the_store_tokenizes_a_text_dataset_and_harvests_a_bridge_model(tmp_path
     with pytest.warns(UserWarning, match="Dataset is not tokenized"):
         runner = MultiLayerSAETrainingRunner(cfg, override_dataset=text, override_model=model)
     assert isinstance(runner.run(), MultiLayerTrainingSAE)
+
+
+def test_a_dataset_shorter_than_one_context_is_named(tmp_path) -> None:
+    from mlsae_lens.models import load_model
+
+    model = load_model(str(save_tiny_causal_lm("llama", tmp_path / "llama")), device="cpu", backend="bridge")
+    short = Dataset.from_dict({"text": ["Paris is the capital of France.", ""]})
+    cfg = saelens_config(tmp_path, model_name="llama", is_dataset_tokenized=False, context_size=64)
+    with pytest.warns(UserWarning, match="Dataset is not tokenized"):
+        store = MultiLayerActivationsStore.from_config(model, cfg, override_dataset=short)
+    with pytest.raises(MLSAEError, match="the dataset holds no context of 64 tokens"):
+        store.next_batch()
