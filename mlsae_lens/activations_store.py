@@ -41,7 +41,7 @@ import torch.distributed as dist
 from datasets import Dataset
 from sae_lens import ActivationsStore
 from sae_lens.training.activations_store import _filter_buffer_acts
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from mlsae_lens.activation_cache import ActivationCache
@@ -134,9 +134,6 @@ class MultiLayerActivationsStore(ActivationsStore):
             "chunk": torch.tensor(self.chunk),
             "batch_in_chunk": torch.tensor(self.batch_in_chunk),
         }
-
-    def save(self, file_path: str) -> None:
-        save_file(self.state_dict(), file_path)
 
     def load(self, file_path: str) -> None:
         state = load_file(file_path)

@@ -129,10 +129,12 @@ def test_the_store_tokenizes_a_text_dataset_and_harvests_a_bridge_model(tmp_path
         store = MultiLayerActivationsStore.from_config(model, cfg, override_dataset=text)
     first = store.next_batch()
     assert first.shape == (16, 2, 16) and torch.isfinite(first).all()
-    position = (store.chunk, store.batch_in_chunk)
+    store.save_to_checkpoint(tmp_path)  # SAELens' store checkpoint: here the (chunk, batch) position
     second = store.next_batch()
-    store.set_position(*position)  # what a checkpoint restores: the same batch again, bitwise
-    assert torch.equal(store.next_batch(), second)
+    with pytest.warns(UserWarning, match="Dataset is not tokenized"):
+        fresh = MultiLayerActivationsStore.from_config(model, cfg, override_dataset=text)
+    fresh.load_from_checkpoint(tmp_path)  # the same batch again, bitwise
+    assert torch.equal(fresh.next_batch(), second)
     with pytest.warns(UserWarning, match="Dataset is not tokenized"):
         runner = MultiLayerSAETrainingRunner(cfg, override_dataset=text, override_model=model)
     assert isinstance(runner.run(), MultiLayerTrainingSAE)
