@@ -159,7 +159,7 @@ class MultiLayerSAETrainer(SAETrainer[MultiLayerTrainingSAE, MultiLayerTrainingS
 
         counts = maybe_all_reduce_(counts)  # how often each latent fired, over all ranks
         self.tokens_since_fired += int(n_tokens)
-        self.tokens_since_fired[counts > 0] = 0
+        self.tokens_since_fired.masked_fill_(counts > 0, 0)  # no host sync (boolean indexing syncs)
         self.act_freq_scores += counts
         n_layers = active.shape[1]
         self.n_frac_active_samples += int(n_tokens) * n_layers  # frequencies per (token, layer) vector
