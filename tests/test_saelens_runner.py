@@ -150,3 +150,13 @@ def test_a_dataset_shorter_than_one_context_is_named(tmp_path) -> None:
         store = MultiLayerActivationsStore.from_config(model, cfg, override_dataset=short)
     with pytest.raises(MLSAEError, match="the dataset holds no context of 64 tokens"):
         store.next_batch()
+
+
+def test_saelens_train_step_log_dict_reads_a_multilayer_step(tmp_path) -> None:
+    """What SAELens logs to wandb every wandb_log_frequency steps works on [batch, n_layers, d_in]."""
+    runner = MultiLayerSAETrainingRunner(saelens_config(tmp_path), override_dataset=dataset(),
+                                         override_model=tiny_model())
+    out = runner.trainer.step(runner.activations_store.next_batch())
+    log = runner.trainer.build_train_step_log_dict(out, n_training_samples=runner.trainer.n_training_samples)
+    assert log["metrics/l0"] == pytest.approx(runner.trainer.metrics["l0"], rel=0.05)
+    assert 0 < log["metrics/explained_variance"] <= 1 and log["losses/overall_loss"] > 0
