@@ -1,7 +1,10 @@
-"""The training run's configuration: one dataclass, every field documented.
+"""The flags of ``mlsae-lens train``: one dataclass, every field documented, kept as ``run.json``.
 
 The CLI builds its flags from these fields (help text from each field's ``help``), so a new
-option needs one line here. Cross-field checks raise :class:`MLSAEError` with the fix.
+option needs one line here. Cross-field checks raise :class:`MLSAEError` with the fix, before
+anything loads. Training maps these onto SAELens' runner config
+(:func:`mlsae_lens.runner_config.saelens_config_from_run`); ``eval`` and ``analyze`` read them
+back from ``run.json`` to load the same model and corpus split.
 """
 
 import math
@@ -25,7 +28,7 @@ def option(default: Any, help: str) -> Any:  # noqa: A002 - mirrors argparse
 
 @dataclass
 class MultiLayerRunnerConfig:
-    """Everything that determines a training run (all layers instead of one ``hook_name``)."""
+    """Everything that determines an ``mlsae-lens train`` run, as the user gave it."""
 
     model_name: str = option(
         EMBEDDED_MODEL,
