@@ -23,7 +23,7 @@ from mlsae_lens.analysis.layer_stats import (
 )
 from mlsae_lens.analysis.reference_ratios import ReferenceRatioStats
 from mlsae_lens.analysis.residual import ResidualNormStats
-from mlsae_lens.run_files import TOP_CONTEXTS_FILE
+from mlsae_lens.run_dir import TOP_CONTEXTS_FILE
 from mlsae_lens.top_contexts_file import save_partial_top_contexts
 
 _STATS_FORMAT = "mlsae_lens.AnalysisStats/1"

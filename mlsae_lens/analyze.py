@@ -42,14 +42,8 @@ from mlsae_lens.checkpoint import atomic_write_json
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.memory import FLOAT_BYTES, resolve_model_batch_size
 from mlsae_lens.models import LanguageModel
-from mlsae_lens.run_files import (
-    METRICS_FILE,
-    STATS_FILE,
-    TOP_CONTEXTS_FILE,
-    WEIGHTS_FILE,
-    check_run_dir,
-    open_run,
-)
+from mlsae_lens.run_dir import METRICS_FILE, STATS_FILE, TOP_CONTEXTS_FILE, WEIGHTS_FILE
+from mlsae_lens.run_files import check_run_dir, open_run
 from mlsae_lens.run_report import build_run_report
 from mlsae_lens.sae import MultiLayerMixin
 from mlsae_lens.top_contexts_file import (

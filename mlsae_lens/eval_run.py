@@ -20,15 +20,8 @@ from mlsae_lens.eval_methods import Method, ToResidual, evaluate_methods
 from mlsae_lens.eval_summary import summarize
 from mlsae_lens.memory import FLOAT_BYTES, resolve_model_batch_size
 from mlsae_lens.models import LanguageModel
-from mlsae_lens.run_files import (
-    BASELINES_DIR,
-    EVAL_FILE,
-    RUN_FILE,
-    TRAINING_LOG_FILE,
-    WEIGHTS_FILE,
-    check_run_dir,
-    open_run,
-)
+from mlsae_lens.run_dir import BASELINES_DIR, EVAL_FILE, RUN_FILE, TRAINING_LOG_FILE, WEIGHTS_FILE
+from mlsae_lens.run_files import check_run_dir, open_run
 from mlsae_lens.run_report import build_run_report
 
 logger = logging.getLogger(__name__)

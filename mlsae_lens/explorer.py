@@ -25,13 +25,8 @@ from mlsae_lens.analysis_state import AnalysisStats
 from mlsae_lens.atomic import atomic_write_text
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.explorer_page import render_page
-from mlsae_lens.run_files import (
-    EXPLORER_FILE,
-    RUN_FILE,
-    STATS_FILE,
-    TOP_CONTEXTS_FILE,
-    check_run_dir,
-)
+from mlsae_lens.run_dir import EXPLORER_FILE, RUN_FILE, STATS_FILE, TOP_CONTEXTS_FILE
+from mlsae_lens.run_files import check_run_dir
 from mlsae_lens.top_contexts_file import load_top_contexts
 from mlsae_lens.topk_contexts import EMPTY_POSITION, TopContexts, co_appearing_latents
 

@@ -19,7 +19,7 @@ from mlsae_lens.figures import (
     variance_ratio_figure,
 )
 from mlsae_lens.report import ReportSection
-from mlsae_lens.run_files import STATS_FILE
+from mlsae_lens.run_dir import STATS_FILE
 
 _FIRST_POSITION_NOTE = (
     "<p>Why the centered norm can exceed the raw norm at middle layers: the first position of "

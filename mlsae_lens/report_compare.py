@@ -13,7 +13,8 @@ from mlsae_lens.analysis_state import AnalysisStats
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.figures import adjacent_cosine_figure, residual_norm_figure, variance_ratio_figure
 from mlsae_lens.report import ReportSection, write_report
-from mlsae_lens.run_files import METRICS_FILE, STATS_FILE, check_run_dir, read_json
+from mlsae_lens.run_dir import METRICS_FILE, STATS_FILE
+from mlsae_lens.run_files import check_run_dir, read_json
 
 
 def compare_runs(run_dirs: Sequence[str | Path], output: str | Path) -> Path:

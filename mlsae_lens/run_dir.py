@@ -1,4 +1,5 @@
-"""The training run directory: what state it is in, and the one command that gets a user on.
+"""The run directory: its layout (every file name), what state it is in, and the one command
+that gets a user on.
 
 A directory can be fresh, hold a run that failed before its first checkpoint, an interrupted
 run (checkpoints, no final SAE), a finished run, or belong to a live process. Each state gets
@@ -21,17 +22,38 @@ from mlsae_lens.errors import MLSAEError
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+"""The run's flags (:class:`mlsae_lens.config.MultiLayerRunnerConfig`), written when it starts."""
 SPLITS_FILE = "splits.json"
+"""The corpus provenance and train/test hashes, checked by ``--resume``, ``eval`` and ``analyze``."""
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+TRAINING_LOG_FILE = "training_log.json"
+EVAL_FILE = "eval.json"
+"""Evaluation of the MLSAE and its baselines (``mlsae-lens eval``)."""
+METRICS_FILE = "metrics.json"
+"""Analysis results (``mlsae-lens analyze``)."""
+STATS_FILE = "stats.safetensors"
+"""The analysis' accumulators and position in the test split (``--resume``)."""
+TOP_CONTEXTS_FILE = "top_contexts.safetensors"
+"""Every latent's top tokens per layer, for the explorer."""
+REPORT_FILE = "report.html"
+EXPLORER_FILE = "explore.html"
+BASELINES_DIR = "baselines"
+"""Per-layer baseline SAEs trained by ``mlsae-lens eval --baseline``."""
+RUNNER_CFG_FILE = "runner_cfg.json"  # = sae_lens.constants.RUNNER_CFG_FILENAME
+"""SAELens' runner config of the training (``sae_lens.constants.RUNNER_CFG_FILENAME``)."""
+SPARSITY_FILE = "sparsity.safetensors"  # = sae_lens.constants.SPARSITY_FILENAME
+"""SAELens' log10 latent frequencies at the end of training (``SPARSITY_FILENAME``)."""
+
 DEFAULT_PREFIX = "runs/mlsae-"
 
 # Everything mlsae-lens writes into a run directory (train, eval, analyze, explore, convert):
 # --overwrite removes these and nothing else, so a user's own files there survive. Not the
 # .lock: the overwriting run holds it while it removes the rest.
 RUN_ARTEFACTS = (
-    RUN_FILE, "cfg.json", "sae_weights.safetensors", "training_log.json", SPLITS_FILE,
-    "runner_cfg.json", "sparsity.safetensors",
-    CHECKPOINT_DIR, "eval.json", "metrics.json", "stats.safetensors", "report.html",
-    "baselines", "top_contexts.safetensors", "explore.html", "README.md",
+    RUN_FILE, CFG_FILE, WEIGHTS_FILE, TRAINING_LOG_FILE, SPLITS_FILE, RUNNER_CFG_FILE, SPARSITY_FILE,
+    CHECKPOINT_DIR, EVAL_FILE, METRICS_FILE, STATS_FILE, REPORT_FILE, BASELINES_DIR,
+    TOP_CONTEXTS_FILE, EXPLORER_FILE, "README.md",
 )
 
 

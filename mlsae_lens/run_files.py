@@ -1,7 +1,6 @@
 """The files of a finished run directory and how to read them back.
 
-One place names every file that ``analyze``, ``eval``, ``explore`` and the report read or write
-in a run directory, and loads a finished run (its config, SAE, model and test split) with the
+Loads a finished run (its config, SAE, model and test split) with the
 messages for the usual ways that goes wrong. Every command that reads a run goes through here,
 so each sees exactly the tokens the run held out. Writing a run (output-directory preparation,
 locks, the corpus check) is :mod:`mlsae_lens.run_dir`'s; this module sits above it and reads.
@@ -20,41 +19,19 @@ from mlsae_lens.checkpoint import (
 from mlsae_lens.config import MultiLayerRunnerConfig
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.models import LanguageModel, load_model
-from mlsae_lens.run_dir import RUN_FILE, SPLITS_FILE, check_same_corpus, load_run_config
+from mlsae_lens.run_dir import (
+    CFG_FILE,
+    RUN_FILE,
+    WEIGHTS_FILE,
+    check_same_corpus,
+    load_run_config,
+)
 from mlsae_lens.sae import MultiLayerSAE
 from mlsae_lens.sae_files import load_mlsae_dir
 
 logger = logging.getLogger(__name__)
 
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
-TRAINING_LOG_FILE = "training_log.json"
-EVAL_FILE = "eval.json"
-"""Evaluation of the MLSAE and its baselines (``mlsae-lens eval``)."""
-METRICS_FILE = "metrics.json"
-"""Analysis results (``mlsae-lens analyze``)."""
-STATS_FILE = "stats.safetensors"
-"""The analysis' accumulators and position in the test split (``--resume``)."""
-TOP_CONTEXTS_FILE = "top_contexts.safetensors"
-"""Every latent's top tokens per layer, for the explorer."""
-REPORT_FILE = "report.html"
-EXPLORER_FILE = "explore.html"
-BASELINES_DIR = "baselines"
-"""Per-layer baseline SAEs trained by ``mlsae-lens eval --baseline``."""
-
 __all__ = [
-    "BASELINES_DIR",
-    "CFG_FILE",
-    "EVAL_FILE",
-    "EXPLORER_FILE",
-    "METRICS_FILE",
-    "REPORT_FILE",
-    "RUN_FILE",
-    "SPLITS_FILE",
-    "STATS_FILE",
-    "TOP_CONTEXTS_FILE",
-    "TRAINING_LOG_FILE",
-    "WEIGHTS_FILE",
     "LoadedRun",
     "check_run_dir",
     "check_sae_fits_model",

@@ -13,7 +13,7 @@ from mlsae_lens.figures import training_curve_figure
 from mlsae_lens.report import ReportSection, table_html, write_report
 from mlsae_lens.report_analysis import analysis_sections
 from mlsae_lens.report_eval import evaluation_section, reconstruction_section_from_eval
-from mlsae_lens.run_files import (
+from mlsae_lens.run_dir import (
     CFG_FILE,
     EVAL_FILE,
     METRICS_FILE,
@@ -22,9 +22,8 @@ from mlsae_lens.run_files import (
     SPLITS_FILE,
     STATS_FILE,
     TRAINING_LOG_FILE,
-    check_run_dir,
-    read_json,
 )
+from mlsae_lens.run_files import check_run_dir, read_json
 
 
 def build_run_report(run_dir: str | Path) -> Path:

@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-
 AUX_DENSE_MAX_RATIO = {"cpu": 4, "cuda": 16}
 """Per device type: AuxK entries go through dense GEMMs over the dead latents' columns when
 there are at most this many dead latents per selected one, else through the sparse ops. On CPU

@@ -30,7 +30,7 @@ from torch import Tensor
 from mlsae_lens.activation_samples import LatentContexts
 from mlsae_lens.analysis.layer_stats import read_safetensors, write_safetensors
 from mlsae_lens.errors import MLSAEError
-from mlsae_lens.run_files import TOP_CONTEXTS_FILE
+from mlsae_lens.run_dir import TOP_CONTEXTS_FILE
 from mlsae_lens.topk_contexts import EMPTY_POSITION, decoder_logit_lens
 
 if TYPE_CHECKING:

@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
-from sae_lens.constants import RUNNER_CFG_FILENAME, SPARSITY_FILENAME
 from torch import Tensor
 
 from mlsae_lens import sparse_ops
@@ -40,6 +39,7 @@ from mlsae_lens.distributed import (
     rank_device,
 )
 from mlsae_lens.errors import MLSAEError
+from mlsae_lens.run_dir import RUNNER_CFG_FILE, SPARSITY_FILE, TRAINING_LOG_FILE
 from mlsae_lens.runner_config import (
     MODEL_CLASS_BACKENDS,
     MultiLayerSAERunnerConfig,
@@ -50,8 +50,6 @@ from mlsae_lens.sources import resolve_device
 from mlsae_lens.trainer import MultiLayerSAETrainer
 
 logger = logging.getLogger(__name__)
-
-LOG_FILE = "training_log.json"
 
 
 def encoder_matmul_dtype(choice: str, device: str) -> torch.dtype | None:
@@ -202,8 +200,8 @@ class MultiLayerSAETrainingRunner(LanguageModelSAETrainingRunner):
         ``sparsity.safetensors``, ``runner_cfg.json``, and ``training_log.json``."""
         out = Path(output_path)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / LOG_FILE, self.trainer.log)
+        atomic_write_json(out / TRAINING_LOG_FILE, self.trainer.log)
         if log_feature_sparsity is not None:
-            atomic_save_file({"sparsity": log_feature_sparsity.contiguous()}, out / SPARSITY_FILENAME)
-        atomic_write_json(out / RUNNER_CFG_FILENAME, self.cfg.to_dict())
+            atomic_save_file({"sparsity": log_feature_sparsity.contiguous()}, out / SPARSITY_FILE)
+        atomic_write_json(out / RUNNER_CFG_FILE, self.cfg.to_dict())
         atomic_save_sae(sae, out)  # last: a cfg.json in the directory means a finished run

@@ -27,7 +27,8 @@ from mlsae_lens import MLSAEError
 from mlsae_lens.activation_samples import N_BINS, bin_index, sample_priority
 from mlsae_lens.cli import main
 from mlsae_lens.explorer import Explorer
-from mlsae_lens.run_files import TOP_CONTEXTS_FILE, load_sae
+from mlsae_lens.run_dir import TOP_CONTEXTS_FILE
+from mlsae_lens.run_files import load_sae
 from mlsae_lens.top_contexts_file import load_top_contexts
 from mlsae_lens.topk_contexts import (
     TopContexts,

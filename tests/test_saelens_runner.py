@@ -160,3 +160,11 @@ def test_saelens_train_step_log_dict_reads_a_multilayer_step(tmp_path) -> None:
     log = runner.trainer.build_train_step_log_dict(out, n_training_samples=runner.trainer.n_training_samples)
     assert log["metrics/l0"] == pytest.approx(runner.trainer.metrics["l0"], rel=0.05)
     assert 0 < log["metrics/explained_variance"] <= 1 and log["losses/overall_loss"] > 0
+
+
+def test_the_run_directory_names_saelens_files_as_saelens_does() -> None:
+    from sae_lens.constants import RUNNER_CFG_FILENAME, SPARSITY_FILENAME
+
+    from mlsae_lens.run_dir import RUNNER_CFG_FILE, SPARSITY_FILE
+
+    assert (RUNNER_CFG_FILE, SPARSITY_FILE) == (RUNNER_CFG_FILENAME, SPARSITY_FILENAME)
