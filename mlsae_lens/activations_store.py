@@ -122,8 +122,11 @@ class MultiLayerActivationsStore(ActivationsStore):
 
     @torch.no_grad()
     def get_activations(self, batch_tokens: Tensor) -> Tensor:
-        """``[batch, context, n_layers, d_in]`` from one forward that stops after the last block."""
-        return harvest_resid_post(self.model, batch_tokens)
+        """``[batch, context, n_layers, d_in]`` (float32) from one forward that stops after the last
+        block; under bfloat16 autocast when ``autocast_lm`` is set, as SAELens does."""
+        device_type = torch.device(self.model.cfg.device).type
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.autocast_lm):
+            return harvest_resid_post(self.model, batch_tokens)
 
     def get_data_loader(self) -> Iterator[Tensor]:
         return self.batches()

@@ -276,6 +276,8 @@ class MultiLayerSAETrainer(SAETrainer[MultiLayerTrainingSAE, MultiLayerTrainingS
             for s, handler in previous.items():
                 signal.signal(s, handler)
         self.set_final_sae_metadata()
+        if self.cfg.save_final_checkpoint:  # as SAELens' fit does
+            self.save_checkpoint(checkpoint_name=f"final_{self.n_training_samples}")
         return self.sae
 
     def record(self, progress: TrainingProgress, seconds: float) -> None:

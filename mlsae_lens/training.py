@@ -73,7 +73,8 @@ class MultiLayerSAETrainingRunner(LanguageModelSAETrainingRunner):
             instead of ``cfg.dataset_path``.
         override_model: an already-loaded ``HookedTransformer`` or ``TransformerBridge``
             (else ``cfg.model_name`` is loaded by :func:`mlsae_lens.models.load_model`).
-        override_sae: an SAE to continue training instead of a fresh one.
+        override_sae: an SAE to continue training instead of a fresh one (as does
+            ``cfg.from_pretrained_path``); it keeps its ``b_dec`` and layer means.
         interrupt_command: the command that resumes this run, named in stop messages.
     """
 
@@ -90,9 +91,15 @@ class MultiLayerSAETrainingRunner(LanguageModelSAETrainingRunner):
         interrupt_command: str = "",
     ):
         cfg = as_multilayer_config(cfg)
-        if cfg.prefetch_llm_batches:
-            raise MLSAEError("prefetch_llm_batches is not supported: the store's position must be the "
-                             "trained batches' for a checkpoint to resume bitwise; leave it False")
+        unsupported = {
+            "prefetch_llm_batches": (bool(cfg.prefetch_llm_batches), "the store's position must be the "
+                                     "trained batches' for a checkpoint to resume bitwise"),
+            "compile_llm": (cfg.compile_llm, "the harvest runs the model's forward with hooks, not run_with_cache"),
+            "hook_head_index": (cfg.hook_head_index is not None, "a multi-layer SAE reads whole hook_resid_post vectors"),
+        }
+        for name, (is_set, why) in unsupported.items():
+            if is_set:
+                raise MLSAEError(f"{name} is not supported by MultiLayerSAETrainingRunner: {why}; leave it unset")
         # Under torchrun: join the process group; each rank drives its own GPU.
         self.dist = maybe_init_distributed(resolve_device(cfg.device))
         device = rank_device(resolve_device(cfg.device), self.dist)
@@ -113,7 +120,11 @@ class MultiLayerSAETrainingRunner(LanguageModelSAETrainingRunner):
         self.activations_store = MultiLayerActivationsStore.from_config(self.model, cfg, override_dataset)
         lens = self.load_tuned_lens()  # before seeding: building a lens draws (discarded) inits
         torch.manual_seed(cfg.seed)
-        self.sae = override_sae if override_sae is not None else MultiLayerTrainingSAE(cfg.sae)
+        if override_sae is None and cfg.from_pretrained_path is not None:  # SAELens: continue a saved SAE
+            override_sae = MultiLayerTrainingSAE.load_from_disk(cfg.from_pretrained_path, device=device)
+        # A given SAE is trained as it is; a fresh one gets b_dec (and layer means) from the data.
+        fresh = override_sae is None
+        self.sae = MultiLayerTrainingSAE(cfg.sae) if fresh else override_sae
         self.sae.to(device)
         if self.dist.enabled:  # FVU denominators of the global batch, so rank losses add up
             self.sae.layer_variance_fn = global_layer_variance
@@ -123,7 +134,7 @@ class MultiLayerSAETrainingRunner(LanguageModelSAETrainingRunner):
         self.evaluator = None  # SAELens' evaluator splices one hook; `mlsae-lens eval` splices all
         self.trainer = MultiLayerSAETrainer(
             cfg.to_sae_trainer_config(), self.sae, self.activations_store, cfg,
-            initialize=self.initialize, interrupt_command=interrupt_command,
+            initialize=self.initialize if fresh else None, interrupt_command=interrupt_command,
         )
 
     def check_model_fits_sae(self) -> None:

@@ -110,9 +110,10 @@ def test_a_config_for_another_sae_or_model_size_is_refused(tmp_path) -> None:
     wrong = saelens_config(tmp_path, sae=MultiLayerTrainingSAEConfig(d_in=16, d_sae=64, k=4, n_layers=3))
     with pytest.raises(MLSAEError, match="n_layers=3, d_in=16 but the model tiny has n_layers=2"):
         MultiLayerSAETrainingRunner(wrong, override_dataset=dataset(), override_model=tiny_model())
-    with pytest.raises(MLSAEError, match="prefetch_llm_batches is not supported"):
-        MultiLayerSAETrainingRunner(saelens_config(tmp_path, prefetch_llm_batches=True),
-                                    override_dataset=dataset(), override_model=tiny_model())
+    for field, value in (("prefetch_llm_batches", True), ("compile_llm", True), ("hook_head_index", 0)):
+        with pytest.raises(MLSAEError, match=f"{field} is not supported by MultiLayerSAETrainingRunner"):
+            MultiLayerSAETrainingRunner(saelens_config(tmp_path, **{field: value}),
+                                        override_dataset=dataset(), override_model=tiny_model())
 
 
 def test_the_store_tokenizes_a_text_dataset_and_harvests_a_bridge_model(tmp_path) -> None:
@@ -168,3 +169,29 @@ def test_the_run_directory_names_saelens_files_as_saelens_does() -> None:
     from mlsae_lens.run_dir import RUNNER_CFG_FILE, SPARSITY_FILE
 
     assert (RUNNER_CFG_FILE, SPARSITY_FILE) == (RUNNER_CFG_FILENAME, SPARSITY_FILENAME)
+
+
+def test_from_pretrained_path_continues_a_saved_sae(tmp_path) -> None:
+    """SAELens' ``from_pretrained_path``: training starts from the SAE saved there."""
+    MultiLayerSAETrainingRunner(saelens_config(tmp_path / "a"), override_dataset=dataset(),
+                                override_model=tiny_model()).run()
+    saved = load_file(tmp_path / "a" / "out" / "sae_weights.safetensors")
+    runner = MultiLayerSAETrainingRunner(saelens_config(tmp_path / "b", from_pretrained_path=str(tmp_path / "a" / "out")),
+                                         override_dataset=dataset(), override_model=tiny_model())
+    assert isinstance(runner.sae, MultiLayerTrainingSAE)
+    start = runner.sae.state_dict()
+    assert all(torch.equal(start[name].cpu(), saved[name]) for name in saved)
+    assert runner.trainer.initialize is None  # b_dec and layer means are the saved ones
+
+
+def test_autocast_lm_and_save_final_checkpoint_mean_what_they_mean_in_saelens(tmp_path) -> None:
+    runner = MultiLayerSAETrainingRunner(saelens_config(tmp_path, autocast_lm=True, save_final_checkpoint=True,
+                                                        training_tokens=15 * 2),
+                                         override_dataset=dataset(), override_model=tiny_model())
+    plain = MultiLayerSAETrainingRunner(saelens_config(tmp_path / "plain"), override_dataset=dataset(),
+                                        override_model=tiny_model())
+    bf16, fp32 = runner.activations_store.next_batch(), plain.activations_store.next_batch()
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # the forward ran in bfloat16
+    torch.testing.assert_close(bf16, fp32, rtol=0.1, atol=0.1)
+    runner.run()
+    assert (Path(runner.cfg.checkpoint_path) / "final_30" / "trainer_state.safetensors").is_file()
