@@ -96,6 +96,10 @@ class MultiLayerSAETrainingRunner(LanguageModelSAETrainingRunner):
                                      "trained batches' for a checkpoint to resume bitwise"),
             "compile_llm": (cfg.compile_llm, "the harvest runs the model's forward with hooks, not run_with_cache"),
             "hook_head_index": (cfg.hook_head_index is not None, "a multi-layer SAE reads whole hook_resid_post vectors"),
+            "model_kwargs": (bool(cfg.model_kwargs), "the harvest's forward takes no extra arguments"),
+            "sae.normalize_activations": (cfg.sae.normalize_activations != "none", "a multi-layer SAE "
+                                          "normalizes its input itself: set sae.normalization (standardize, "
+                                          "center or none)"),
         }
         for name, (is_set, why) in unsupported.items():
             if is_set:

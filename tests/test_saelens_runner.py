@@ -110,8 +110,11 @@ def test_a_config_for_another_sae_or_model_size_is_refused(tmp_path) -> None:
     wrong = saelens_config(tmp_path, sae=MultiLayerTrainingSAEConfig(d_in=16, d_sae=64, k=4, n_layers=3))
     with pytest.raises(MLSAEError, match="n_layers=3, d_in=16 but the model tiny has n_layers=2"):
         MultiLayerSAETrainingRunner(wrong, override_dataset=dataset(), override_model=tiny_model())
-    for field, value in (("prefetch_llm_batches", True), ("compile_llm", True), ("hook_head_index", 0)):
-        with pytest.raises(MLSAEError, match=f"{field} is not supported by MultiLayerSAETrainingRunner"):
+    scaled = MultiLayerTrainingSAEConfig(d_in=16, d_sae=128, k=4, n_layers=2, normalize_activations="layer_norm")
+    for field, value in (("prefetch_llm_batches", True), ("compile_llm", True), ("hook_head_index", 0),
+                         ("model_kwargs", {"foo": 1}), ("sae", scaled)):
+        name = "sae.normalize_activations" if field == "sae" else field
+        with pytest.raises(MLSAEError, match=f"{name} is not supported by MultiLayerSAETrainingRunner"):
             MultiLayerSAETrainingRunner(saelens_config(tmp_path, **{field: value}),
                                         override_dataset=dataset(), override_model=tiny_model())
 
