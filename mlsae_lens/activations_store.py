@@ -160,10 +160,10 @@ class MultiLayerActivationsStore(ActivationsStore):
 
     def chunk_span(self, chunk: int) -> tuple[int, int]:
         """The chunk's first sequence and its number of contexts (the last chunk of a map-style
-        dataset may be short; its chunks repeat every epoch)."""
+        dataset may be short). ``chunk`` is already wrapped to the epoch (``harvest_chunk``)."""
+        start = chunk * self.contexts_per_chunk
         if self.n_rows is None:
-            return chunk * self.contexts_per_chunk, self.contexts_per_chunk
-        start = (chunk % self.n_chunks) * self.contexts_per_chunk  # type: ignore[operator]
+            return start, self.contexts_per_chunk
         return start, min(self.contexts_per_chunk, self.n_rows - start)
 
     def seek(self, sequence: int) -> None:
@@ -204,11 +204,6 @@ class MultiLayerActivationsStore(ActivationsStore):
         finally:
             self.iterable_sequences, self._next_sequence, self.n_dataset_processed = saved
 
-    def chunk_context_ids(self, chunk: int) -> Tensor:
-        """Dataset row ids of a map-style chunk's contexts."""
-        start, size = self.chunk_span(chunk)
-        return self.context_order[start : start + size]
-
     def harvest_chunk(self, chunk: int) -> Tensor:
         """Valid-token vectors ``[n, n_layers, d_in]`` of one chunk, shuffled deterministically."""
         if self.n_chunks is not None:
@@ -234,7 +229,7 @@ class MultiLayerActivationsStore(ActivationsStore):
         if is_distributed():
             owner = group % dist.get_world_size()
             if dist.get_rank() != owner:
-                n_valid = tokens.numel() - self.n_excluded(tokens)
+                n_valid = int((~self.excluded_mask(tokens)).sum())
                 part = torch.empty(n_valid, self.n_layers, self.d_in, device=self.device)
                 dist.broadcast(part, src=owner)
                 return part
@@ -251,10 +246,12 @@ class MultiLayerActivationsStore(ActivationsStore):
         """The cached valid-token vectors of ``context_ids`` (the cache holds valid tokens only)."""
         return torch.cat([self.cache.context_rows(int(c)) for c in context_ids]).to(self.device)
 
-    def n_excluded(self, tokens: Tensor) -> int:
+    def excluded_mask(self, tokens: Tensor) -> Tensor:
+        """Where ``tokens`` holds an ``exclude_special_tokens`` id (the positions SAELens'
+        ``_filter_buffer_acts`` drops)."""
         if self.exclude_special_tokens is None:
-            return 0
-        return int(torch.isin(tokens, self.exclude_special_tokens.to(tokens.device)).sum())
+            return torch.zeros_like(tokens, dtype=torch.bool)
+        return torch.isin(tokens, self.exclude_special_tokens.to(tokens.device))
 
     def batches(self) -> Iterator[Tensor]:
         """Batches from the current position on, forever; the position moves as they are taken."""

@@ -167,10 +167,9 @@ class MultiLayerSAETrainingRunner(LanguageModelSAETrainingRunner):
         if sae.cfg.normalization == "center":
             store = self.activations_store
             tokens = store.tokens_for_estimates(self.cfg.center_estimation_tokens)
-            special = torch.isin(tokens, store.exclude_special_tokens.to(tokens.device)) \
-                if store.exclude_special_tokens is not None else torch.zeros_like(tokens, dtype=torch.bool)
             means = estimate_layer_means(
-                self.model, tokens, special, self.cfg.center_estimation_tokens, self.cfg.store_batch_size_prompts
+                self.model, tokens, store.excluded_mask(tokens), self.cfg.center_estimation_tokens,
+                self.cfg.store_batch_size_prompts,
             ).to(sae.device)
             # The means live where they are subtracted: in the lens basis (the lens is affine,
             # so the mean of translated vectors is the translated mean).
