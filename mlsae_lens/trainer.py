@@ -232,10 +232,14 @@ class MultiLayerSAETrainer(SAETrainer[MultiLayerTrainingSAE, MultiLayerTrainingS
         self.data_provider.set_position(plain["chunk"], plain["batch_in_chunk"])
         logger.info("resumed from %s at %d tokens", path, self.n_training_samples)
 
+    def checkpoint_name(self) -> str:
+        """``tokens_<12 digits>``: names sort by token count (``checkpoints_in`` relies on it)."""
+        return f"tokens_{self.n_training_samples:012d}"
+
     def _checkpoint_if_needed(self) -> None:
         passed = [t for t in self.checkpoint_thresholds if t <= self.n_training_samples]
         if passed and self.n_training_samples < self.cfg.total_training_samples:
-            self.save_checkpoint(checkpoint_name=f"tokens_{self.n_training_samples:012d}")
+            self.save_checkpoint(checkpoint_name=self.checkpoint_name())
         self.checkpoint_thresholds = [t for t in self.checkpoint_thresholds if t > self.n_training_samples]
 
     # ---- the loop ----------------------------------------------------------------------
@@ -301,7 +305,7 @@ class MultiLayerSAETrainer(SAETrainer[MultiLayerTrainingSAE, MultiLayerTrainingS
 
     def interrupted(self) -> None:
         """Checkpoint the last completed step (a stop mid-harvest loses no step) and stop."""
-        name = f"tokens_{self.n_training_samples:012d}"
+        name = self.checkpoint_name()
         self.save_checkpoint(checkpoint_name=name)
         where = self.checkpoint_root / name if self.checkpoint_root is not None else "nowhere (no checkpoint_path)"
         how = (f"continue with `{self.interrupt_command} --resume` and the same settings" if self.interrupt_command
