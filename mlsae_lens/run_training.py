@@ -60,9 +60,7 @@ def activations_store_for_run(cfg: MultiLayerRunnerConfig, model: Any, train_tok
                               device: str) -> MultiLayerActivationsStore:
     """The store a run's training reads (same contexts, order and shuffle), e.g. for baselines
     trained on the MLSAE's own stream."""
-    from mlsae_lens.data import special_token_ids
-
-    saelens_cfg = saelens_config_from_run(cfg, model.cfg, device, special_token_ids(model.tokenizer))
+    saelens_cfg = saelens_config_from_run(cfg, model, device)
     return MultiLayerActivationsStore.from_config(model, saelens_cfg, token_dataset(train_tokens))
 
 
@@ -76,7 +74,7 @@ class TrainingRun:
     """
 
     def __init__(self, cfg: MultiLayerRunnerConfig, model: Any = None, splits: Any = None):
-        from mlsae_lens.data import special_token_ids, special_token_mask
+        from mlsae_lens.data import special_token_mask
         from mlsae_lens.models import load_model
 
         self.cfg = cfg = resolve_output_dir(cfg)
@@ -95,7 +93,7 @@ class TrainingRun:
             from mlsae_lens.activation_cache import ActivationCache
 
             ActivationCache(Path(cfg.activation_cache)).check_run(cfg, self.model.cfg, self.splits.train, self.special_mask)
-        self.saelens_cfg = saelens_config_from_run(cfg, self.model.cfg, self.device, special_token_ids(self.model.tokenizer))
+        self.saelens_cfg = saelens_config_from_run(cfg, self.model, self.device)
         self.runner = MultiLayerSAETrainingRunner(
             self.saelens_cfg,
             override_dataset=token_dataset(self.splits.train),
@@ -165,10 +163,7 @@ class TrainingRun:
                     "every token is seen about %.0f times (use more text or fewer --training-tokens to "
                     "see each once)", cfg.training_tokens, passes, n_valid, passes,
                 )
-        sae = self.runner.run()
-        if is_main():
-            atomic_write_json(self.out / SPLITS_FILE, self.splits_record())
-        return sae
+        return self.runner.run()
 
     def splits_record(self) -> dict[str, Any]:
         """``splits.json``: the corpus provenance, with the train/test token hashes."""

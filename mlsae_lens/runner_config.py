@@ -95,21 +95,17 @@ def as_multilayer_config(cfg: LanguageModelSAERunnerConfig) -> MultiLayerSAERunn
     return converted
 
 
-def saelens_config_from_run(
-    run_cfg: Any,
-    model_cfg: Any,
-    device: str,
-    special_token_ids: list[int],
-    resume_from_checkpoint: str | None = None,
-) -> MultiLayerSAERunnerConfig:
+def saelens_config_from_run(run_cfg: Any, model: Any, device: str) -> MultiLayerSAERunnerConfig:
     """The SAELens config of an ``mlsae-lens train`` run (a :class:`mlsae_lens.config.
-    MultiLayerRunnerConfig` whose ``model_batch_size`` is resolved), for a model with
-    ``model_cfg`` sizes. The run directory is ``output_path``; checkpoints are in its
+    MultiLayerRunnerConfig` whose ``model_batch_size`` is resolved) on ``model`` (its sizes and
+    its tokenizer's special tokens). The run directory is ``output_path``; checkpoints are in its
     ``checkpoints/``. The corpus comes as ``override_dataset`` (pre-tokenized contexts)."""
     from mlsae_lens.checkpoint import CHECKPOINT_DIR
+    from mlsae_lens.data import special_token_ids
 
-    n_layers, d_model = model_cfg.n_layers, model_cfg.d_model
-    total_steps = math.ceil(run_cfg.training_tokens / run_cfg.batch_size_tokens)
+    n_layers, d_model = model.cfg.n_layers, model.cfg.d_model
+    # The steps SAELens' scheduler is built for (SAETrainerConfig.total_training_steps).
+    total_steps = max(1, run_cfg.training_tokens // run_cfg.batch_size_tokens)
     schedule: dict[str, Any] = {"lr_scheduler_name": "constant", "lr_decay_steps": 0}
     if run_cfg.lr_decay == "cosine":  # to zero over the steps after warm-up
         schedule = {"lr_scheduler_name": "cosineannealing", "lr_end": 0.0, "lr_decay_steps": 0}
@@ -136,7 +132,7 @@ def saelens_config_from_run(
         streaming=False,
         context_size=run_cfg.context_size,
         prepend_bos=False,  # the corpus is packed already (mlsae_lens.data)
-        exclude_special_tokens=special_token_ids,
+        exclude_special_tokens=special_token_ids(model.tokenizer),
         training_tokens=run_cfg.training_tokens,
         train_batch_size_tokens=run_cfg.batch_size_tokens,
         n_batches_in_buffer=run_cfg.contexts_per_chunk,
@@ -156,7 +152,6 @@ def saelens_config_from_run(
         use_cached_activations=run_cfg.activation_cache is not None,
         cached_activations_path=run_cfg.activation_cache,
         output_path=str(run_cfg.output_dir),
-        resume_from_checkpoint=resume_from_checkpoint,
         device=device,
         seed=run_cfg.seed,
         logger=LoggingConfig(log_to_wandb=run_cfg.log_to_wandb, wandb_project=run_cfg.wandb_project),
