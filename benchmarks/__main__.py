@@ -17,6 +17,7 @@ import torch
 from benchmarks import analysis, harvest, train
 from benchmarks.timing import interleaved_medians
 from mlsae_lens.atomic import atomic_write_text
+from mlsae_lens.dense_ops import has_native_bf16_matmul
 
 HERE = Path(__file__).resolve().parent
 logger = logging.getLogger("benchmarks")
@@ -57,45 +58,52 @@ SMOKE = Sizes(d_in=64, k=8, vectors=256, ratios=(8,), train_repeats=2, saelens_r
 
 
 def bench_train(s: Sizes, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Each comparison is its own interleaved group (a step against the floor, the variants against
+    the floor, sparsify against the MLSAE, SAELens against the floor), so that only the steps being
+    compared hold memory while they are timed (at R = 64 each MLSAE step holds ~1.3 GB)."""
     out = {}
     for r in s.ratios:
         d_sae = r * s.d_in
         args = (s.d_in, d_sae, s.k, s.vectors)
-        sparsify = train.sparsify_step(*args, device=device)  # None when sparsify is not installed
-        peers = {"sparsify": sparsify} if sparsify else {}
-        times = interleaved_medians(
-            {"mlsae": train.mlsae_step(*args, device=device), "floor": train.floor_step(*args, device=device),
-             "mlsae_no_dead": train.mlsae_step(*args, dead_fraction=0.0, device=device),
-             "mlsae_1pct_dead": train.mlsae_step(*args, dead_fraction=0.01, device=device), **peers},
-            repeats=s.train_repeats,
-        )
-        times |= interleaved_medians(
-            {"saelens": train.saelens_step(*args, device=device), "floor_saelens": train.floor_step(*args, device=device)},
-            repeats=s.saelens_repeats,
-        )
+
+        def group(steps: dict, repeats: int = s.train_repeats) -> dict[str, float]:
+            return interleaved_medians({name: make() for name, make in steps.items()}, repeats=repeats)
+
+        floor = lambda: train.floor_step(*args, device=device)  # noqa: E731
+        times = group({"mlsae": lambda: train.mlsae_step(*args, device=device), "floor": floor})
+        variants = group({
+            "floor": floor,
+            "no_dead": lambda: train.mlsae_step(*args, dead_fraction=0.0, device=device),
+            "1pct_dead": lambda: train.mlsae_step(*args, dead_fraction=0.01, device=device),
+            "float32_auxk": lambda: train.mlsae_step(*args, device=device, auxk_dtype="float32"),
+        })
+        peer = None
+        if train.sparsify_module() is not None:  # else skipped (see train.SPARSIFY_INSTALL)
+            peer = group({"mlsae": lambda: train.mlsae_step(*args, device=device),
+                          "sparsify": lambda: train.sparsify_step(*args, device=device)})
+        times |= {f"{k}_saelens_group": v for k, v in group(
+            {"saelens": lambda: train.saelens_step(*args, device=device), "floor": floor}, s.saelens_repeats).items()}
         default_adam = {"mlsae": float("nan"), "floor": 1.0}
         if s.default_adam:
-            default_adam = interleaved_medians(
-                {"mlsae": train.mlsae_step(*args, fused_adam=False, device=device),
-                 "floor": train.floor_step(*args, device=device)},
-                repeats=max(2, s.train_repeats // 2),
-            )
+            default_adam = group({"mlsae": lambda: train.mlsae_step(*args, fused_adam=False, device=device),
+                                  "floor": floor}, max(2, s.train_repeats // 2))
         out[f"R{r}"] = {
             "d_sae": d_sae,
             "mlsae_s": times["mlsae"],
-            "saelens_s": times["saelens"],
+            "saelens_s": times["saelens_saelens_group"],
             "floor_s": times["floor"],
             "mlsae_vectors_per_s": s.vectors / times["mlsae"],
-            "saelens_vectors_per_s": s.vectors / times["saelens"],
-            "train_vs_saelens": times["saelens"] / times["mlsae"],
+            "saelens_vectors_per_s": s.vectors / times["saelens_saelens_group"],
+            "train_vs_saelens": times["saelens_saelens_group"] / times["mlsae"],
             "train_vs_floor": times["mlsae"] / times["floor"],
-            "saelens_vs_floor": times["saelens"] / times["floor_saelens"],
+            "saelens_vs_floor": times["saelens_saelens_group"] / times["floor_saelens_group"],
             "train_vs_floor_default_adam": default_adam["mlsae"] / default_adam["floor"],
-            "train_vs_floor_no_dead": times["mlsae_no_dead"] / times["floor"],
-            "train_vs_floor_1pct_dead": times["mlsae_1pct_dead"] / times["floor"],
+            "train_vs_floor_no_dead": variants["no_dead"] / variants["floor"],
+            "train_vs_floor_1pct_dead": variants["1pct_dead"] / variants["floor"],
+            "train_vs_floor_float32_auxk": variants["float32_auxk"] / variants["floor"],
             # None: sparsify is not installed (see train.SPARSIFY_INSTALL).
-            "sparsify_s": times.get("sparsify"),
-            "train_vs_sparsify": times["sparsify"] / times["mlsae"] if "sparsify" in times else None,
+            "sparsify_s": peer["sparsify"] if peer else None,
+            "train_vs_sparsify": peer["sparsify"] / peer["mlsae"] if peer else None,
         }
         logger.info("train R=%d: %s", r, out[f"R{r}"])
     return out
@@ -218,6 +226,8 @@ def machine() -> dict[str, str]:
         "gpu": gpu,
         "cores": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
+        "native bf16 GEMMs (AVX512-BF16/AMX or CUDA)": "yes" if has_native_bf16_matmul(torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")) else "no",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "sae_lens": version("sae-lens"),

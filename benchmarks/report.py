@@ -37,13 +37,18 @@ def write_results(path: Path, results: dict, ratios: dict[str, float], machine: 
         f"Main comparisons ({results.get('device', 'cpu')}): d_in {s['d_in']}, k {s['k']}, {s['vectors']} vectors, float32 "
         "parameters (on CUDA the encoder matmul in bfloat16, as the runner does there, and SAELens under bf16 autocast), "
         f"d_sae = R·d_in; the first R ({s['ratios'][0]}) is the headline row. Adam is `fused=True` for both SAEs. "
+        "The floor writes its pre-activations into one reused buffer, as the MLSAE step does (a fresh output "
+        "per call adds its page faults, ~12 % of the floor on CPU). "
         "10 % of latents are marked dead so both SAEs run AuxK (aux_k = d_in // 2 = 288 here). With up to 4 dead "
         "latents per selected one (CPU; R = 8 has 1.6) the AuxK code is a dense block over the dead latents and "
-        "costs four GEMMs of n_dead columns (forward, decoder and encoder gradients), ~0.3 of the floor at 10 % "
-        "dead; with more it takes the sparse path. The table also gives the step at 1 % dead (what our runs end "
-        "with) and with no dead latents. EleutherAI's sparsify (its `SparseCoder` step as its trainer "
+        "costs four GEMMs of n_dead columns (the forward; the code's, the decoder's and the encoder's "
+        "gradients); with more it takes the "
+        "sparse path. The MLSAE step runs them as training does, `--auxk-matmul-dtype auto`: bfloat16 where bf16 "
+        "GEMMs are native (see the machine above; the AuxK loss and gradients stay within 1e-3 and 1e-2 of "
+        "float32, `tests/test_sparse_ops.py`), float32 elsewhere; the table also gives the step with float32 "
+        "AuxK products, at 1 % dead (what our runs end with) and with no dead latents. EleutherAI's sparsify (its `SparseCoder` step as its trainer "
         "runs it, with Adam; on CPU its eager `embedding_bag` decoder, on CUDA its Triton one when Triton is "
-        "installed) is timed in the same interleaved run as the MLSAE; its AuxK trains only the decoder, ours "
+        "installed) is timed interleaved with an MLSAE step of its own group; its AuxK trains only the decoder, ours "
         f"also the encoder. It is not a project dependency: `{SPARSIFY_INSTALL}`.",
         "",
         "| metric | measured | goal | met |",
@@ -55,13 +60,14 @@ def write_results(path: Path, results: dict, ratios: dict[str, float], machine: 
             continue
         lines.append(f"| {label} | {ratios[key]:.2f} | {goal} | {'yes' if ok(ratios[key]) else 'no'} |")
     lines += ["", "## Training step", "",
-              "| R | d_sae | MLSAE step (s) | SAELens step (s) | floor (s) | MLSAE vectors/s | SAELens vectors/s | MLSAE / floor | SAELens / floor | speed-up vs SAELens | MLSAE / floor, 1 % dead | MLSAE / floor, no dead latents (no AuxK) | MLSAE / floor with default (unfused) Adam | sparsify step (s) | speed-up vs sparsify |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| R | d_sae | MLSAE step (s) | SAELens step (s) | floor (s) | MLSAE vectors/s | SAELens vectors/s | MLSAE / floor | SAELens / floor | speed-up vs SAELens | MLSAE / floor, float32 AuxK | MLSAE / floor, 1 % dead | MLSAE / floor, no dead latents (no AuxK) | MLSAE / floor with default (unfused) Adam | sparsify step (s) | speed-up vs sparsify |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in results["train"].items():
         lines.append(
             f"| {name[1:]} | {row['d_sae']} | {row['mlsae_s']:.3f} | {row['saelens_s']:.3f} | {row['floor_s']:.3f} | "
             f"{row['mlsae_vectors_per_s']:.0f} | {row['saelens_vectors_per_s']:.0f} | {row['train_vs_floor']:.2f} | "
-            f"{row['saelens_vs_floor']:.2f} | {row['train_vs_saelens']:.2f} | {row.get('train_vs_floor_1pct_dead', float('nan')):.2f} | "
+            f"{row['saelens_vs_floor']:.2f} | {row['train_vs_saelens']:.2f} | "
+            f"{row.get('train_vs_floor_float32_auxk', float('nan')):.2f} | {row.get('train_vs_floor_1pct_dead', float('nan')):.2f} | "
             f"{row['train_vs_floor_no_dead']:.2f} | "
             f"{row['train_vs_floor_default_adam']:.2f} | {_maybe(row.get('sparsify_s'), '.3f')} | "
             f"{_maybe(row.get('train_vs_sparsify'), '.2f')} |"

@@ -42,14 +42,19 @@ def mlsae_trainer(sae: MultiLayerTrainingSAE, batch_tokens: int, device: str) ->
 
 
 def mlsae_step(d_in: int, d_sae: int, k: int, vectors: int, n_layers: int = 8, dense: bool = False,
-               fused_adam: bool = True, dead_fraction: float = DEAD_FRACTION, device: str = "cpu") -> Callable[[], None]:
+               fused_adam: bool = True, dead_fraction: float = DEAD_FRACTION, device: str = "cpu",
+               auxk_dtype: str = "auto") -> Callable[[], None]:
     """``MultiLayerSAETrainer._train_step``, the step training runs: forward, backward, radial-gradient
     removal, Adam, decoder renormalization, dead-latent counters (``vectors`` = tokens × layers).
-    The counters are reset before each step so that the same ``dead_fraction`` stays dead."""
+    The counters are reset before each step so that the same ``dead_fraction`` stays dead.
+    ``auxk_dtype`` is ``--auxk-matmul-dtype`` (``auto``, as the runner resolves it on ``device``)."""
+    from mlsae_lens.training import auxk_matmul_dtype
+
     cfg = MultiLayerTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, n_layers=n_layers, device=device)
     sae = MultiLayerTrainingSAE(cfg).to(device)
     sae.dense = dense
     sae.matmul_dtype = gpu_matmul_dtype(device)
+    sae.aux_matmul_dtype = auxk_matmul_dtype(auxk_dtype, device)
     trainer = mlsae_trainer(sae, vectors // n_layers, device)
     if not fused_adam:
         trainer.optimizer = make_adam(sae.parameters(), False)
@@ -133,14 +138,17 @@ def sparsify_step(d_in: int, d_sae: int, k: int, vectors: int, fused_adam: bool 
 
 def floor_step(d_in: int, d_sae: int, k: int, vectors: int, device: str = "cpu") -> Callable[[], None]:
     """The encoder matmul and top-k of the same batch: the part no TopK SAE can skip (in the
-    dtype the MLSAE step uses for it on ``device``)."""
+    dtype the MLSAE step uses for it on ``device``). The pre-activations go into one reused
+    buffer, as in the MLSAE step: a fresh ``[vectors, d_sae]`` tensor per call would add the
+    page faults of mapping it (~12 % of this floor on CPU) to the floor."""
     dtype = gpu_matmul_dtype(device) or torch.float32
     x = torch.randn(vectors, d_in, device=device, dtype=dtype)
     W = (torch.randn(d_in, d_sae, device=device) / d_in**0.5).to(dtype)
     b = torch.zeros(d_sae, device=device, dtype=dtype)
+    out = torch.empty(vectors, d_sae, device=device, dtype=dtype)
 
     def step() -> None:
         with torch.no_grad():
-            torch.addmm(b, x, W).topk(k, dim=-1, sorted=False)
+            torch.addmm(b, x, W, out=out).topk(k, dim=-1, sorted=False)
 
     return step

@@ -13,6 +13,9 @@ from typing import Any, Literal, get_args
 
 from mlsae_lens.errors import MLSAEError
 
+MATMUL_DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+"""Values of ``encoder_matmul_dtype`` and ``auxk_matmul_dtype`` (CLI and SAELens-style configs)."""
+
 # Spelled out here rather than imported from mlsae_lens.normalization: this module is read by
 # `mlsae-lens --help`, which must not import torch (tests/test_cli.py checks both agree).
 NormalizationMode = Literal["standardize", "center", "none"]
@@ -89,6 +92,10 @@ class MultiLayerRunnerConfig:
     encoder_matmul_dtype: Literal["auto", "float32", "bfloat16"] = option(
         "auto", "dtype of the encoder's dense matmul, the one O(d_sae) step: auto = bfloat16 (and TF32 "
         "elsewhere) on CUDA, float32 on CPU; parameters, gradients and Adam stay float32"
+    )
+    auxk_matmul_dtype: Literal["auto", "float32", "bfloat16"] = option(
+        "auto", "dtype of the AuxK loss's dense products over the dead latents: auto = bfloat16 on CUDA "
+        "and on CPUs with native bf16 GEMMs (AVX512-BF16 or AMX), float32 elsewhere"
     )
     lr: float = option(1e-4, "Adam learning rate (reference: 1e-4)")
     adam_eps: float = option(6.25e-10, "Adam epsilon (reference: 6.25e-10)")
@@ -208,9 +215,10 @@ class MultiLayerRunnerConfig:
                 self.normalization in NORMALIZATION_MODES,
                 f"--normalization must be one of {NORMALIZATION_MODES}, got {self.normalization!r}",
             ),
-            (
-                self.encoder_matmul_dtype in ("auto", "float32", "bfloat16"),
-                f"--encoder-matmul-dtype must be auto, float32 or bfloat16, got {self.encoder_matmul_dtype!r}",
+            *(
+                (getattr(self, name) in MATMUL_DTYPE_CHOICES,
+                 f"--{name.replace('_', '-')} must be auto, float32 or bfloat16, got {getattr(self, name)!r}")
+                for name in ("encoder_matmul_dtype", "auxk_matmul_dtype")
             ),
             (
                 self.lr_decay in ("none", "linear", "cosine"),
@@ -294,5 +302,6 @@ def check_device(device: str, require_available: bool = True) -> None:
 
 
 # Fields that may differ when resuming a run: they do not change what was trained so far.
-RESUMABLE_FIELDS = {"resume", "overwrite", "training_tokens", "encoder_matmul_dtype", "checkpoint_every_tokens", "log_every_steps",
+RESUMABLE_FIELDS = {"resume", "overwrite", "training_tokens", "encoder_matmul_dtype", "auxk_matmul_dtype",
+                    "checkpoint_every_tokens", "log_every_steps",
                     "device", "log_to_wandb", "wandb_project", "output_dir"}

@@ -55,7 +55,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookPoint
 from typing_extensions import override
 
-from mlsae_lens import sparse_ops
+from mlsae_lens import dense_ops
 from mlsae_lens.checkpoint import atomic_save_file, atomic_write_json
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.normalization import (
@@ -301,7 +301,7 @@ class LayerViewSAE(TopKSAE):
             )
         sae_in = self.process_sae_in(x)  # dtype, hook_sae_input, normalize, minus b_dec
         flat = sae_in.reshape(-1, self.cfg.d_in)
-        pre = sparse_ops.pre_activations(flat, self.W_enc, self.b_enc, self.matmul_dtype)
+        pre = dense_ops.pre_activations(flat, self.W_enc, self.b_enc, self.matmul_dtype)
         hidden_pre = self.hook_sae_acts_pre(pre.to(self.dtype).reshape(*sae_in.shape[:-1], -1))
         return self.hook_sae_acts_post(self.activation_fn(hidden_pre))
 

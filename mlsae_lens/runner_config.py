@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 
+from mlsae_lens.config import MATMUL_DTYPE_CHOICES
+from mlsae_lens.errors import MLSAEError
 from mlsae_lens.sae import MultiLayerTrainingSAEConfig
 
 # Backends of mlsae_lens.models.load_model, by SAELens' model_class_name.
@@ -55,10 +57,19 @@ class MultiLayerSAERunnerConfig(LanguageModelSAERunnerConfig[MultiLayerTrainingS
     """Tokens used to estimate the per-layer means when ``sae.normalization == "center"``."""
     encoder_matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """Dtype of the encoder's dense matmul (auto: bfloat16 on CUDA, float32 on CPU)."""
+    auxk_matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Dtype of the dense AuxK products (auto: bfloat16 on CUDA and on CPUs with native bf16
+    GEMMs, float32 elsewhere); the auxiliary loss only."""
     tuned_lens: str | None = None
     """Tuned-lens translators applied before the encoder (a lens directory or resource id)."""
     log_every_steps: int = 10
     """Record loss, FVU, L0 and dead fraction every N steps (``training_log.json``)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("encoder_matmul_dtype", "auxk_matmul_dtype"):
+            if getattr(self, name) not in MATMUL_DTYPE_CHOICES:
+                raise MLSAEError(f"{name} must be one of {MATMUL_DTYPE_CHOICES}, got {getattr(self, name)!r}")
 
     @property
     def effective_dead_tokens_threshold(self) -> int:
@@ -147,6 +158,7 @@ def saelens_config_from_run(run_cfg: Any, model: Any, device: str) -> MultiLayer
         checkpoint_every_tokens=run_cfg.effective_checkpoint_every_tokens,
         center_estimation_tokens=run_cfg.center_estimation_tokens,
         encoder_matmul_dtype=run_cfg.encoder_matmul_dtype,
+        auxk_matmul_dtype=run_cfg.auxk_matmul_dtype,
         tuned_lens=run_cfg.tuned_lens,
         log_every_steps=run_cfg.log_every_steps,
         use_cached_activations=run_cfg.activation_cache is not None,

@@ -33,7 +33,7 @@ from sae_lens.saes.sae import TrainCoefficientConfig, TrainStepInput, TrainStepO
 from torch import Tensor
 from typing_extensions import override
 
-from mlsae_lens import sparse_ops
+from mlsae_lens import dense_ops, sparse_ops
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.normalization import (
     NORMALIZATION_MODES,
@@ -237,9 +237,12 @@ class MultiLayerTrainingSAE(LayerViewMixin, MultiLayerMixin, TrainingSAE[MultiLa
     # FVU/AuxK denominators; data-parallel training swaps in the global-batch version
     # (mlsae_lens.distributed.global_layer_variance) so rank losses add up exactly.
     layer_variance_fn: Callable[[Tensor], Tensor] = staticmethod(lambda x: per_layer_total_variance(x))
+    aux_matmul_dtype: torch.dtype | None = None
+    """Dtype of the dense AuxK products (``--auxk-matmul-dtype``; ``None``: the SAE's dtype)."""
 
     def __init__(self, cfg: MultiLayerTrainingSAEConfig, use_error_term: bool = False):
         super().__init__(cfg, use_error_term)
+        self.pre_activation_buffer = dense_ops.PreActivationBuffer()
 
     @override
     def initialize_weights(self) -> None:
@@ -288,6 +291,9 @@ class MultiLayerTrainingSAE(LayerViewMixin, MultiLayerMixin, TrainingSAE[MultiLa
         dead_mask = step_input.dead_neuron_mask
         n_dead = int(dead_mask.sum()) if dead_mask is not None else 0
         encode = sparse_ops.dense_topk_encode if self.dense else sparse_ops.topk_encode
+        buffer = None if self.dense else self.pre_activation_buffer.get(
+            flat.shape[0], self.cfg.d_sae, self.matmul_dtype or self.W_enc.dtype, flat.device
+        )
         code = encode(
             flat,
             self.b_dec,
@@ -297,6 +303,8 @@ class MultiLayerTrainingSAE(LayerViewMixin, MultiLayerMixin, TrainingSAE[MultiLa
             dead_mask if n_dead else None,
             self.cfg.effective_aux_k,
             self.matmul_dtype,
+            self.aux_matmul_dtype,
+            out=buffer,
         )
         codes = [(code.values, code.indices)]
         aux_recon = None
@@ -305,7 +313,9 @@ class MultiLayerTrainingSAE(LayerViewMixin, MultiLayerMixin, TrainingSAE[MultiLa
             if self.dense:
                 codes.append((code.aux_values, code.aux_indices))
             elif sparse_ops.aux_is_dense(n_dead, self.cfg.effective_aux_k, flat.device):  # as topk_encode chose
-                aux_recon = sparse_ops.decode_dead(code.aux_values, code.aux_indices, dead_mask, self.W_dec)
+                aux_recon = sparse_ops.decode_dead(
+                    code.aux_values, code.aux_indices, dead_mask, self.W_dec, self.aux_matmul_dtype
+                )
             else:  # many dead latents: one sparse decode (and one W_dec gradient) for both codes
                 codes.append((code.aux_values, code.aux_indices))
         decode = sparse_ops.dense_decode if self.dense else sparse_ops.sparse_decode

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mlsae_lens import sparse_ops
+from mlsae_lens import dense_ops
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.normalization import NormStats, denormalize, normalize
 from mlsae_lens.sae_files import check_state_dict
@@ -237,7 +237,7 @@ class MultiLayerMixin:
         :func:`mlsae_lens.sparse_ops.topk_encode`, which never keeps ``hidden_pre``.
         """
         flat = (x_norm - self.b_dec).reshape(-1, x_norm.shape[-1])
-        pre = sparse_ops.pre_activations(flat, self.W_enc, self.b_enc, self.matmul_dtype)
+        pre = dense_ops.pre_activations(flat, self.W_enc, self.b_enc, self.matmul_dtype)
         hidden_pre = self.hook_sae_acts_pre(pre.to(self.dtype).reshape(*x_norm.shape[:-1], -1))
         top = hidden_pre.topk(self.cfg.k, dim=-1, sorted=False)
         return TopKOutput(values=top.values.relu(), indices=top.indices), hidden_pre

@@ -19,8 +19,8 @@ dot product for the code's gradient.
 AuxK selects ``aux_k`` (``d_in // 2`` by default, often 9x ``k``) latents among the few dead
 ones, so its code is dense within the dead columns: with at most ``AUX_DENSE_MAX_RATIO`` dead
 latents per selected one it is kept as an ``[N, n_dead]`` block and goes through small GEMMs
-over those columns (:func:`decode_dead`), which on CPU beat gathers by far; otherwise it joins
-the sparse path.
+over those columns (:func:`decode_dead`), which on CPU beat gathers by far, optionally in bfloat16
+(:func:`mlsae_lens.dense_ops.low_precision_mm`); otherwise it joins the sparse path.
 
 :func:`dense_topk_encode` and :func:`dense_decode` are plain-autograd references with the same
 signatures; tests check that both paths agree on values, losses and every gradient.
@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
+
+from mlsae_lens.dense_ops import low_precision_mm, pre_activations
 
 AUX_DENSE_MAX_RATIO = {"cpu": 4, "cuda": 16}
 """Per device type: AuxK entries go through dense GEMMs over the dead latents' columns when
@@ -110,13 +112,6 @@ def _dead_columns(dead_mask: Tensor | None, aux_k: int) -> Tensor | None:
     return dead if dead.numel() else None
 
 
-def pre_activations(centered: Tensor, W_enc: Tensor, b_enc: Tensor, matmul_dtype: torch.dtype | None) -> Tensor:
-    """``centered @ W_enc + b_enc`` in one ``addmm`` (optionally in a low-precision dtype)."""
-    if matmul_dtype is not None and matmul_dtype != W_enc.dtype:
-        return torch.addmm(b_enc.to(matmul_dtype), centered.to(matmul_dtype), W_enc.to(matmul_dtype))
-    return torch.addmm(b_enc, centered, W_enc)
-
-
 def _select(pre: Tensor, k: int, dead: Tensor | None, aux_k: int) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Top-k (values after ReLU, indices) and, given dead columns, the AuxK top among them:
     (values after ReLU, indices into d_sae), or for :func:`aux_is_dense` the ``[N, n_dead]``
@@ -176,14 +171,17 @@ class SparseTopKEncode(torch.autograd.Function):
         dead: Tensor | None,
         aux_k: int,
         matmul_dtype: torch.dtype | None,
+        aux_matmul_dtype: torch.dtype | None,
+        out: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         centered = x - b_dec
-        pre = pre_activations(centered, W_enc, b_enc, matmul_dtype)
+        pre = pre_activations(centered, W_enc, b_enc, matmul_dtype, out)
         values, indices, aux_values, aux_indices = _select(pre, k, dead, aux_k)
         del pre
         values = values.to(W_enc.dtype)
         aux_values = aux_values.to(W_enc.dtype) if aux_values is not None else None
         ctx.dense_aux = dead is not None and aux_is_dense(dead.numel(), aux_k, x.device)
+        ctx.aux_matmul_dtype = aux_matmul_dtype
         ctx.save_for_backward(centered, W_enc, values, indices, aux_values, aux_indices, dead)
         ctx.mark_non_differentiable(indices, *([aux_indices] if aux_indices is not None else []))
         ctx.set_materialize_grads(True)
@@ -223,19 +221,21 @@ class SparseTopKEncode(torch.autograd.Function):
             # latent) are summed.
             grad_W_enc_t = transposed_code_matmul(flat_index, rows, flat_g, d_sae, n, centered)  # [d_sae, d_in]
             if aux_block is not None:  # rows of the [d_sae, d_in] layout are contiguous
-                _add_rows_(grad_W_enc_t, dead, aux_block.t() @ centered)
+                _add_rows_(grad_W_enc_t, dead, low_precision_mm(aux_block.t(), centered, ctx.aux_matmul_dtype))
             grad_W_enc = grad_W_enc_t.t()
         grad_x = None
         if need_x:
             grad_x = F.embedding_bag(index, W_enc.t().contiguous(), per_sample_weights=g.to(W_enc.dtype), mode="sum")
             if aux_block is not None:
-                grad_x = grad_x + aux_block @ W_enc.index_select(1, dead).t()
+                grad_x = grad_x + low_precision_mm(aux_block, W_enc.index_select(1, dead).t(), ctx.aux_matmul_dtype)
         grad_b_dec = -(W_enc @ grad_b_enc_full) if need_b_dec else None
         return (
             grad_x,
             grad_b_dec,
             grad_W_enc,
             grad_b_enc_full if need_b_enc else None,
+            None,
+            None,
             None,
             None,
             None,
@@ -252,6 +252,8 @@ def topk_encode(
     dead_mask: Tensor | None = None,
     aux_k: int = 0,
     matmul_dtype: torch.dtype | None = None,
+    aux_matmul_dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
 ) -> SparseCode:
     """Sparse top-k code of ``[N, d_in]`` vectors with a sparse backward.
 
@@ -265,15 +267,21 @@ def topk_encode(
             block over the dead latents when :func:`aux_is_dense`, see :class:`SparseCode`).
         matmul_dtype: e.g. ``torch.bfloat16`` to run the one dense matmul in low precision
             (values and gradients stay in the parameters' dtype).
+        aux_matmul_dtype: the same for the dense AuxK block's backward products (see
+            :func:`mlsae_lens.dense_ops.low_precision_mm`; :func:`decode_dead` takes it for the forward).
+        out: a ``[N, d_sae]`` buffer (in ``matmul_dtype``) for the pre-activations, overwritten
+            (see :class:`mlsae_lens.dense_ops.PreActivationBuffer`).
     """
     dead = _dead_columns(dead_mask, aux_k)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (x, b_dec, W_enc, b_enc)):
         with torch.no_grad():
-            pre = pre_activations(x - b_dec, W_enc, b_enc, matmul_dtype)
+            pre = pre_activations(x - b_dec, W_enc, b_enc, matmul_dtype, out)
             values, indices, aux_values, aux_indices = _select(pre, k, dead, aux_k)
             aux_values = aux_values.to(W_enc.dtype) if aux_values is not None else None
     else:
-        values, indices, aux_values, aux_indices = SparseTopKEncode.apply(x, b_dec, W_enc, b_enc, k, dead, aux_k, matmul_dtype)
+        values, indices, aux_values, aux_indices = SparseTopKEncode.apply(
+            x, b_dec, W_enc, b_enc, k, dead, aux_k, matmul_dtype, aux_matmul_dtype, out
+        )
     if aux_values is not None and aux_indices is None:  # the dense AuxK block
         assert dead is not None
         aux_indices = dead.expand(aux_values.shape[0], -1)
@@ -289,8 +297,11 @@ def dense_topk_encode(
     dead_mask: Tensor | None = None,
     aux_k: int = 0,
     matmul_dtype: torch.dtype | None = None,
+    aux_matmul_dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
 ) -> SparseCode:
-    """Plain-autograd reference for :func:`topk_encode` (dense backward through ``topk``)."""
+    """Plain-autograd reference for :func:`topk_encode` (dense backward through ``topk``, every
+    product in ``matmul_dtype`` or float32; ``aux_matmul_dtype`` and ``out`` are ignored)."""
     pre = pre_activations(x - b_dec, W_enc, b_enc, matmul_dtype).to(W_enc.dtype)
     top = pre.topk(k, dim=-1, sorted=False)
     if _dead_columns(dead_mask, aux_k) is None:
@@ -373,15 +384,18 @@ def sparse_decode(codes: list[tuple[Tensor, Tensor]], W_dec: Tensor) -> list[Ten
     return list(out.split(sizes))
 
 
-def decode_dead(values: Tensor, indices: Tensor, dead_mask: Tensor, W_dec: Tensor) -> Tensor:
+def decode_dead(
+    values: Tensor, indices: Tensor, dead_mask: Tensor, W_dec: Tensor, matmul_dtype: torch.dtype | None = None
+) -> Tensor:
     """Decode an AuxK code whose indices all lie among the dead latents.
 
     Per :func:`aux_is_dense`, either as a dense ``[N, n_dead] @ W_dec[dead]`` matmul (few dead
-    latents) or with :func:`sparse_decode` (many). Plain autograd in the dense case.
+    latents; in ``matmul_dtype``, see :func:`mlsae_lens.dense_ops.low_precision_mm`) or with :func:`sparse_decode`
+    (many). Plain autograd in the dense case.
     """
     dead = dead_mask.nonzero().squeeze(1)
     if indices.stride(0) == 0 and torch.equal(indices[0], dead):  # topk_encode's dense block
-        return values.to(W_dec.dtype) @ TakeRows.apply(W_dec, dead)
+        return low_precision_mm(values.to(W_dec.dtype), TakeRows.apply(W_dec, dead), matmul_dtype)
     if not aux_is_dense(dead.numel(), indices.shape[-1], W_dec.device):
         return sparse_decode([(values, indices)], W_dec)[0]
     # Column of each index among the dead latents: one gather from an inverse map (a binary
@@ -390,7 +404,7 @@ def decode_dead(values: Tensor, indices: Tensor, dead_mask: Tensor, W_dec: Tenso
     column[dead] = torch.arange(dead.numel(), device=dead.device)
     local = column[indices]
     block = values.new_zeros(values.shape[0], dead.numel()).scatter(1, local, values)
-    return block.to(W_dec.dtype) @ TakeRows.apply(W_dec, dead)
+    return low_precision_mm(block.to(W_dec.dtype), TakeRows.apply(W_dec, dead), matmul_dtype)
 
 
 def _add_rows_(target: Tensor, rows: Tensor, update: Tensor) -> None:
@@ -422,10 +436,3 @@ def dense_decode(codes: list[tuple[Tensor, Tensor]], W_dec: Tensor) -> list[Tens
         dense = values.new_zeros(values.shape[0], W_dec.shape[0]).scatter_add(-1, indices, values)
         outs.append(dense.to(W_dec.dtype) @ W_dec)
     return outs
-
-
-def enable_tf32() -> None:
-    """Let CUDA matmuls use TF32 (about 3x faster fp32 GEMMs on Ampere+; no effect on CPU)."""
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True

@@ -279,6 +279,7 @@ class MultiLayerSAETrainer(SAETrainer[MultiLayerTrainingSAE, MultiLayerTrainingS
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            self.sae.pre_activation_buffer.release()  # [batch, d_sae] floats, needed only by steps
         self.set_final_sae_metadata()
         if self.cfg.save_final_checkpoint:  # as SAELens' fit does
             self.save_checkpoint(checkpoint_name=f"final_{self.n_training_samples}")

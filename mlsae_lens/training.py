@@ -27,7 +27,7 @@ import torch
 from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
 from torch import Tensor
 
-from mlsae_lens import sparse_ops
+from mlsae_lens import dense_ops
 from mlsae_lens.activations import estimate_layer_means, resid_post_hook_names
 from mlsae_lens.activations_store import MultiLayerActivationsStore
 from mlsae_lens.atomic import atomic_save_file, atomic_write_json
@@ -55,11 +55,22 @@ logger = logging.getLogger(__name__)
 def encoder_matmul_dtype(choice: str, device: str) -> torch.dtype | None:
     """The encoder matmul's dtype for ``--encoder-matmul-dtype``: on CUDA ``auto`` is bfloat16
     (the matmul is the step's floor; top-k over bf16 pre-activations picks the same latents up
-    to near-ties) with TF32 for the remaining fp32 matmuls; on CPU bf16 GEMMs are slower, so fp32."""
+    to near-ties) with TF32 for the remaining fp32 matmuls. On CPU ``auto`` stays float32 so a
+    run's code does not depend on the CPU's instruction set; ``bfloat16`` there is a choice (3-4x
+    faster GEMMs with AVX512-BF16 or AMX, slower without; see ``benchmarks/results.md``)."""
     on_cuda = str(device).startswith("cuda")
     if on_cuda:
-        sparse_ops.enable_tf32()
+        dense_ops.enable_tf32()
     if choice == "bfloat16" or (choice == "auto" and on_cuda):
+        return torch.bfloat16
+    return None
+
+
+def auxk_matmul_dtype(choice: str, device: str) -> torch.dtype | None:
+    """The dense AuxK products' dtype for ``--auxk-matmul-dtype``: ``auto`` is bfloat16 where
+    bf16 GEMMs are native (:func:`mlsae_lens.dense_ops.has_native_bf16_matmul`), else float32.
+    Only the auxiliary loss's forward and gradients change (see :func:`mlsae_lens.dense_ops.low_precision_mm`)."""
+    if choice == "bfloat16" or (choice == "auto" and dense_ops.has_native_bf16_matmul(torch.device(device))):
         return torch.bfloat16
     return None
 
@@ -135,6 +146,7 @@ class MultiLayerSAETrainingRunner(LanguageModelSAETrainingRunner):
         if lens is not None:
             self.sae.set_tuned_lens(*lens)  # frozen buffers, saved with the SAE
         self.sae.matmul_dtype = encoder_matmul_dtype(cfg.encoder_matmul_dtype, device)
+        self.sae.aux_matmul_dtype = auxk_matmul_dtype(cfg.auxk_matmul_dtype, device)
         self.evaluator = None  # SAELens' evaluator splices one hook; `mlsae-lens eval` splices all
         self.trainer = MultiLayerSAETrainer(
             cfg.to_sae_trainer_config(), self.sae, self.activations_store, cfg,

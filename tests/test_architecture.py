@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, str]] = [
     ("model and data", "config sources bridge hooked models data data.documents data.embedded data.hub "
                        "data.local data.packing data.special_tokens data.splits data.tokenization"),
     ("activations", "activations distributed checkpoint activation_cache"),
-    ("SAE", "normalization sparse_ops sae_files sae_mixin layer_view sae lens releases reference_checkpoint "
+    ("SAE", "normalization dense_ops sparse_ops sae_files sae_mixin layer_view sae lens releases reference_checkpoint "
             "pretrained"),
     ("training | statistics", "runner_config activations_store trainer training run_dir run_training "
                               "analysis analysis.layer_result analysis.layer_stats analysis.reference_ratios "

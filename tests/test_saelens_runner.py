@@ -117,6 +117,9 @@ def test_a_config_for_another_sae_or_model_size_is_refused(tmp_path) -> None:
         with pytest.raises(MLSAEError, match=f"{name} is not supported by MultiLayerSAETrainingRunner"):
             MultiLayerSAETrainingRunner(saelens_config(tmp_path, **{field: value}),
                                         override_dataset=dataset(), override_model=tiny_model())
+    for field in ("encoder_matmul_dtype", "auxk_matmul_dtype"):  # a typo is not silently float32
+        with pytest.raises(MLSAEError, match=f"{field} must be one of .*'bfloat16'.*, got 'float16'"):
+            saelens_config(tmp_path, **{field: "float16"})
 
 
 def test_the_store_tokenizes_a_text_dataset_and_harvests_a_bridge_model(tmp_path) -> None:

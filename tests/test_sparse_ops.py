@@ -11,13 +11,13 @@ import pytest
 import torch
 from sae_lens.saes.sae import TrainStepInput
 
-from mlsae_lens import sparse_ops
+from mlsae_lens import dense_ops, sparse_ops
 from mlsae_lens.sae import MultiLayerTrainingSAE, MultiLayerTrainingSAEConfig
 from mlsae_lens.sparse_ops import (
     SparseCode,
-    dense_decode,
     aux_is_dense,
     decode_dead,
+    dense_decode,
     dense_topk_encode,
     sparse_decode,
     topk_encode,
@@ -265,3 +265,74 @@ def test_benchmark_train_only_refreshes_the_training_rows_and_keeps_the_rest(tmp
     assert written["train"]["R8"]["d_sae"] == 8 * bench.SMOKE.d_in != previous["train"]["R8"]["d_sae"]
     assert written["ratios"] == out["ratios"]
     assert "harvest and analysis from the previous full run" in (tmp_path / "results.md").read_text()
+
+
+def _auxk_loss_and_grads(sae: MultiLayerTrainingSAE, x: torch.Tensor, dead: torch.Tensor):
+    sae.zero_grad()
+    out = sae.training_forward_pass(
+        TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False)
+    )
+    aux = out.losses["auxiliary_reconstruction_loss"]
+    aux.backward()
+    return aux.detach(), {name: p.grad.clone() for name, p in sae.named_parameters() if p.grad is not None}
+
+
+def test_bf16_auxk_products_stay_within_the_stated_tolerance_of_float32() -> None:
+    """--auxk-matmul-dtype bfloat16: the AuxK loss within 1e-3 and each of its gradients within
+    1e-2 (relative, Frobenius) of float32 (measured: ~5e-5 and ~2.3e-3)."""
+    torch.manual_seed(0)
+    d_in = 64
+    sae = MultiLayerTrainingSAE(MultiLayerTrainingSAEConfig(d_in=d_in, d_sae=8 * d_in, k=8, n_layers=4))
+    x = torch.randn(256, 4, d_in)
+    dead = torch.arange(8 * d_in) % 10 == 0
+    assert aux_is_dense(int(dead.sum()), sae.cfg.effective_aux_k)  # the dense block the dtype applies to
+    loss32, grads32 = _auxk_loss_and_grads(sae, x, dead)
+    sae.aux_matmul_dtype = torch.bfloat16
+    loss16, grads16 = _auxk_loss_and_grads(sae, x, dead)
+    assert loss16.dtype == torch.float32 and float(loss32) > 0
+    assert abs(float(loss16 - loss32)) <= 1e-3 * float(loss32)
+    assert set(grads16) == set(grads32) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name, g in grads32.items():
+        assert grads16[name].dtype == torch.float32
+        rel = float((grads16[name] - g).norm() / g.norm())
+        assert 0 < rel <= 1e-2, (name, rel)  # > 0: the products really ran in bf16
+
+
+def test_pre_activation_buffer_is_reused_across_steps_and_never_aliases_a_result() -> None:
+    torch.manual_seed(0)
+    sae = MultiLayerTrainingSAE(MultiLayerTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, n_layers=3))
+    dead = torch.arange(D_SAE) % 4 == 0
+    x1, x2 = torch.randn(16, 3, D_IN), torch.randn(16, 3, D_IN)
+
+    def step(x):
+        return sae.training_forward_pass(
+            TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False)
+        )
+
+    first = step(x1)
+    kept = (first.topk.values.clone(), first.topk.indices.clone(), first.loss.detach().clone())
+    buffer = sae.pre_activation_buffer.buffer
+    assert buffer is not None and buffer.shape == (16 * 3, D_SAE)
+    second = step(x2)
+    assert sae.pre_activation_buffer.buffer.data_ptr() == buffer.data_ptr()  # reused, not reallocated
+    # The first step's results are intact after the buffer was overwritten by the second.
+    torch.testing.assert_close(first.topk.values, kept[0], rtol=0, atol=0)
+    assert torch.equal(first.topk.indices, kept[1])
+    # And the buffer changes nothing: the same step without it gives the same values.
+    sae.pre_activation_buffer.get = lambda *args: None  # type: ignore[method-assign]
+    again = step(x2)
+    torch.testing.assert_close(again.loss, second.loss, rtol=0, atol=0)
+    torch.testing.assert_close(again.topk.values, second.topk.values, rtol=0, atol=0)
+    sae.pre_activation_buffer.release()
+    assert sae.pre_activation_buffer.buffer is None
+
+
+def test_auxk_matmul_dtype_choices(monkeypatch) -> None:
+    from mlsae_lens.training import auxk_matmul_dtype
+
+    assert isinstance(dense_ops.has_native_bf16_matmul(torch.device("cpu")), bool)
+    assert auxk_matmul_dtype("float32", "cpu") is None
+    assert auxk_matmul_dtype("bfloat16", "cpu") is torch.bfloat16
+    for native in (True, False):
+        monkeypatch.setattr(dense_ops, "has_native_bf16_matmul", lambda device, native=native: native)
+        assert auxk_matmul_dtype("auto", "cpu") is (torch.bfloat16 if native else None)

@@ -150,7 +150,8 @@ def test_an_unwritable_output_dir_is_named(tmp_path, tiny_model, tiny_splits) ->
     ("field", "value", "match"),
     [("k", 0, "--k must be positive"), ("expansion_factor", 0, "expansion-factor"),
      ("test_fraction", 1.5, "test-fraction"), ("normalization", "zscore", "normalization"),
-     ("encoder_matmul_dtype", "float16", "--encoder-matmul-dtype must be auto, float32 or bfloat16")],
+     ("encoder_matmul_dtype", "float16", "--encoder-matmul-dtype must be auto, float32 or bfloat16"),
+     ("auxk_matmul_dtype", "bf16", "--auxk-matmul-dtype must be auto, float32 or bfloat16")],
 )
 def test_bad_settings_are_refused_with_the_flag_name(tmp_path, field, value, match) -> None:
     with pytest.raises(MLSAEError, match=match):
