@@ -93,6 +93,17 @@ class _Saver:
             self.last = done
 
 
+def _test_batches(
+    run: AnalysisRun, batch_size: int, progress: dict[str, Any], budget: int
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """:func:`_test_vectors` from the pass's saved ``next_context`` on, each batch with the
+    test-split positions of its vectors (:func:`valid_token_positions`)."""
+    first_context = progress["next_context"]
+    for next_context, vectors in _test_vectors(run, batch_size, first_context, budget):
+        yield next_context, valid_token_positions(run.special_mask, first_context, next_context), vectors
+        first_context = next_context
+
+
 @torch.inference_mode()
 def latent_pass(run: AnalysisRun, stats: AnalysisStats, batch_size: int, path: Path, every: int) -> None:
     progress = stats.progress
@@ -100,12 +111,8 @@ def latent_pass(run: AnalysisRun, stats: AnalysisStats, batch_size: int, path: P
     done = stats.layer.n_tokens
     saver = _Saver(stats, path, every, done)
     with progress_bar(total=target, initial=done, desc="latents + norms", unit="tok") as bar:
-        first_context = progress["next_context"]
-        for next_context, vectors in _test_vectors(
-            run, batch_size, progress["next_context"], target - done
-        ):
-            positions = valid_token_positions(run.special_mask, first_context, next_context)
-            first_context, offset = next_context, 0
+        for next_context, positions, vectors in _test_batches(run, batch_size, progress, target - done):
+            offset = 0
             for indices, values in _encode_chunks(run.sae, vectors):
                 stats.layer.update_sparse(indices, values)
                 if stats.ref is not None:
@@ -132,12 +139,7 @@ def centered_pass(
     done = progress.get("centered_seen", stats.resid.n_tokens_centered)
     saver = _Saver(stats, path, every, done)
     with progress_bar(total=target, initial=done, desc="centered norms", unit="tok") as bar:
-        first_context = progress["next_context"]
-        for next_context, vectors in _test_vectors(
-            run, batch_size, progress["next_context"], target - done
-        ):
-            positions = valid_token_positions(run.special_mask, first_context, next_context)
-            first_context = next_context
+        for next_context, positions, vectors in _test_batches(run, batch_size, progress, target - done):
             mask = _resid_mask(run, progress, positions, len(vectors))
             stats.resid.update_centered(vectors, means, mask)
             done += vectors.shape[0]

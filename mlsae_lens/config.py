@@ -13,8 +13,9 @@ from typing import Any, Literal, get_args
 
 from mlsae_lens.errors import MLSAEError
 
-MATMUL_DTYPE_CHOICES = ("auto", "float32", "bfloat16")
-"""Values of ``encoder_matmul_dtype`` and ``auxk_matmul_dtype`` (CLI and SAELens-style configs)."""
+MatmulDtype = Literal["auto", "float32", "bfloat16"]
+"""Type of ``encoder_matmul_dtype`` and ``auxk_matmul_dtype`` (CLI and SAELens-style configs)."""
+MATMUL_DTYPE_CHOICES: tuple[str, ...] = get_args(MatmulDtype)
 
 # Spelled out here rather than imported from mlsae_lens.normalization: this module is read by
 # `mlsae-lens --help`, which must not import torch (tests/test_cli.py checks both agree).
@@ -89,11 +90,11 @@ class MultiLayerRunnerConfig:
         "sized from the device's free memory, logged and recorded in run.json (a resumed run "
         "reuses the recorded value)",
     )
-    encoder_matmul_dtype: Literal["auto", "float32", "bfloat16"] = option(
+    encoder_matmul_dtype: MatmulDtype = option(
         "auto", "dtype of the encoder's dense matmul, the one O(d_sae) step: auto = bfloat16 (and TF32 "
         "elsewhere) on CUDA, float32 on CPU; parameters, gradients and Adam stay float32"
     )
-    auxk_matmul_dtype: Literal["auto", "float32", "bfloat16"] = option(
+    auxk_matmul_dtype: MatmulDtype = option(
         "auto", "dtype of the AuxK loss's dense products over the dead latents: auto = bfloat16 on CUDA "
         "and on CPUs with native bf16 GEMMs (AVX512-BF16 or AMX), float32 elsewhere"
     )

@@ -25,11 +25,11 @@ defaults below). Where SAELens has no field for a multi-layer run's need, this s
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig
 
-from mlsae_lens.config import MATMUL_DTYPE_CHOICES
+from mlsae_lens.config import MATMUL_DTYPE_CHOICES, MatmulDtype
 from mlsae_lens.errors import MLSAEError
 from mlsae_lens.sae import MultiLayerTrainingSAEConfig
 
@@ -55,9 +55,9 @@ class MultiLayerSAERunnerConfig(LanguageModelSAERunnerConfig[MultiLayerTrainingS
     """A checkpoint every N tokens (default: ``n_checkpoints`` evenly spaced, as SAELens)."""
     center_estimation_tokens: int = 10_000
     """Tokens used to estimate the per-layer means when ``sae.normalization == "center"``."""
-    encoder_matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    encoder_matmul_dtype: MatmulDtype = "auto"
     """Dtype of the encoder's dense matmul (auto: bfloat16 on CUDA, float32 on CPU)."""
-    auxk_matmul_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    auxk_matmul_dtype: MatmulDtype = "auto"
     """Dtype of the dense AuxK products (auto: bfloat16 on CUDA and on CPUs with native bf16
     GEMMs, float32 elsewhere); the auxiliary loss only."""
     tuned_lens: str | None = None
